@@ -1,0 +1,138 @@
+"""The appliance's one configuration file, as frozen dataclasses.
+
+Defaults are chosen for a 128x128 detector stream on one device; every key is
+documented in docs/configuration.md. Loading fails before anything starts when a
+key is unknown, mistyped or impossible (see :mod:`appliance.schema`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
+
+import yaml
+
+from appliance import schema
+from appliance.schema import SchemaError, check
+
+DEFAULT_CONFIG_PATH = "/etc/ptychonn-edge/config.yaml"
+
+SUPPORTED_FRAME_DTYPES = (
+    "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float32", "float64",
+)
+_PV_NAME = re.compile(r"^[A-Za-z0-9_:.\-\[\]<>;{}$]+$")
+
+
+def _is_pv_name(value: str) -> bool:
+    return bool(_PV_NAME.match(value))
+
+
+@dataclass(frozen=True)
+class PositionAttributes:
+    """Names of the NTNDArray attributes carrying the sample motor positions."""
+
+    x: str = "SampleX"
+    y: str = "SampleY"
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    pv: str = field(default="13SIM1:Pva1:Image", metadata=check(_is_pv_name, "a PV name"))
+    queue_size: int = field(default=1000, metadata=check(lambda v: 1 <= v <= 100000, "1..100000"))
+    positions: PositionAttributes = field(default_factory=PositionAttributes)
+    accept_dtypes: Tuple[str, ...] = field(
+        default=("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32"),
+        metadata=check(
+            lambda v: len(v) > 0 and all(d in SUPPORTED_FRAME_DTYPES for d in v),
+            "a non-empty list of " + ", ".join(SUPPORTED_FRAME_DTYPES),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Crop margins (top, bottom, left, right) then square mean-binning."""
+
+    crop: Tuple[int, int, int, int] = field(
+        default=(0, 0, 0, 0), metadata=check(lambda v: min(v) >= 0, "four margins >= 0")
+    )
+    bin: int = field(default=1, metadata=check(lambda v: 1 <= v <= 64, "1..64"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    directory: str = "/var/lib/ptychonn-edge/engines"
+    path: Optional[str] = None
+    backend: str = field(
+        default="auto",
+        metadata=check(lambda v: v in ("auto", "onnxruntime", "tensorrt"), "auto, onnxruntime or tensorrt"),
+    )
+    cpu_threads: int = field(default=0, metadata=check(lambda v: v >= 0, "0 (library default) or more"))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    max_batch: int = field(default=8, metadata=check(lambda v: 1 <= v <= 4096, "1..4096"))
+    max_wait_ms: float = field(default=5.0, metadata=check(lambda v: 0 <= v <= 10000, "0..10000 ms"))
+    in_flight: int = field(default=2, metadata=check(lambda v: 1 <= v <= 16, "1..16"))
+    ring_capacity: int = field(default=4096, metadata=check(lambda v: 2 <= v <= 10**7, "2..10000000"))
+    overflow: str = field(
+        default="drop_newest",
+        metadata=check(lambda v: v in ("drop_newest", "backpressure"), "drop_newest or backpressure"),
+    )
+    backpressure_timeout_ms: float = field(default=100.0, metadata=check(lambda v: v >= 0, ">= 0"))
+    drain_timeout_s: float = field(default=10.0, metadata=check(lambda v: v >= 0, ">= 0 s"))
+
+    def __post_init__(self) -> None:
+        if self.ring_capacity < self.max_batch:
+            raise ValueError(
+                "pipeline.ring_capacity ({}) must hold at least one batch (pipeline.max_batch = {})".format(
+                    self.ring_capacity, self.max_batch
+                )
+            )
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    prefix: str = field(default="PTYCHONN", metadata=check(_is_pv_name, "a PV name prefix"))
+    status_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
+    latency_window: int = field(default=10000, metadata=check(lambda v: 10 <= v <= 10**6, "10..1000000"))
+
+
+@dataclass(frozen=True)
+class Config:
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; raises SchemaError (or OSError) with the file named."""
+    with open(path, "r", encoding="utf-8") as handle:
+        text = handle.read()
+    return parse_config(text, path)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SchemaError(source, ["not valid YAML: {}".format(exc)]) from exc
+    config = schema.load(Config, data, source)
+    return _resolve_paths(config, os.path.dirname(os.path.abspath(source)))
+
+
+def _resolve_paths(config: Config, base: str) -> Config:
+    """Relative engine paths are relative to the config file, not to the working directory."""
+    engine = config.engine
+    directory = os.path.join(base, engine.directory)
+    path = os.path.join(base, engine.path) if engine.path else None
+    return replace(config, engine=replace(engine, directory=directory, path=path))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(schema.dump(config), sort_keys=False)

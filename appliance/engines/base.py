@@ -1,0 +1,151 @@
+"""What the pipeline knows about a model: its I/O, and how to run a batch.
+
+The pipeline never learns which backend it has. Everything it needs (per-frame
+input shape and dtype, which outputs are phase and amplitude, fixed or dynamic
+batch) is read from the model file itself, with the sidecar manifest only adding
+meaning the file cannot carry.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+PHASE = "phase"
+AMPLITUDE = "amplitude"
+OUTPUT_ROLES = (PHASE, AMPLITUDE)
+
+
+class EngineError(RuntimeError):
+    """An engine file that cannot serve: the message says what, where and what was expected."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as the model declares it, without the batch axis."""
+
+    name: str
+    frame_shape: Tuple[int, ...]
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        return "{} {}x{}".format(self.name, np.dtype(self.dtype).name, "x".join(str(d) for d in self.frame_shape))
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """``fixed`` models take exactly ``size`` frames; dynamic ones take 1..``size``."""
+
+    fixed: bool
+    size: int
+
+    def describe(self) -> str:
+        return "fixed batch {}".format(self.size) if self.fixed else "dynamic batch up to {}".format(self.size)
+
+
+@dataclass(frozen=True)
+class EngineIO:
+    input: TensorSpec
+    outputs: Mapping[str, TensorSpec]  # role (PHASE, AMPLITUDE) -> tensor
+    batch: BatchSpec
+
+    @property
+    def image_shape(self) -> Tuple[int, int]:
+        """The 2-D frame the model wants, whatever channel axes it declares around it."""
+        return _image_shape(self.input.frame_shape, self.input.name)
+
+    def output_image_shape(self, role: str) -> Tuple[int, int]:
+        return _image_shape(self.outputs[role].frame_shape, self.outputs[role].name)
+
+
+def _image_shape(frame_shape: Tuple[int, ...], name: str) -> Tuple[int, int]:
+    spatial = [d for d in frame_shape if d != 1]
+    if len(frame_shape) < 2 or len(spatial) > 2 or frame_shape[-2:] != tuple(spatial[-2:]) or len(spatial) < 2:
+        raise EngineError(
+            "tensor {} has per-frame shape {}; expected an image: (H, W) with optional leading 1-sized axes".format(
+                name, frame_shape
+            )
+        )
+    return int(frame_shape[-2]), int(frame_shape[-1])
+
+
+class Engine(abc.ABC):
+    """A loaded model, ready to run.
+
+    CPU backends implement :meth:`run`. GPU backends also implement
+    :meth:`enqueue`, which only queues work on a CUDA stream and returns.
+    """
+
+    backend = "abstract"
+
+    def __init__(self, path: str, io: EngineIO, sha256: str) -> None:
+        self.path = path
+        self.io = io
+        self.sha256 = sha256
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @abc.abstractmethod
+    def run(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
+        """Infer a batch: ``frames`` is (n, H, W) in the input dtype; returns role -> (n, H', W')."""
+
+    def enqueue(self, input_ptr: int, output_ptrs: Mapping[str, int], batch: int, stream: int) -> None:
+        raise EngineError("{} backend cannot run on a CUDA stream".format(self.backend))
+
+    @property
+    def runs_on_gpu(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Release what the backend holds; the engine is not used afterwards."""
+
+    def describe(self) -> str:
+        outputs = ", ".join("{}={}".format(role, spec.describe()) for role, spec in self.io.outputs.items())
+        return "{} [{}] input {}; outputs {}; {}".format(
+            self.name, self.backend, self.io.input.describe(), outputs, self.io.batch.describe()
+        )
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assign_output_roles(names: Tuple[str, ...], declared: Optional[Mapping[str, str]], where: str) -> Dict[str, str]:
+    """Map roles to output tensor names.
+
+    The manifest's ``outputs`` wins. Without it a single output is the phase, and
+    several outputs are told apart by name ("phase", "amp"); anything else is
+    ambiguous and must be declared rather than guessed.
+    """
+    if declared:
+        unknown = [n for n in declared.values() if n not in names]
+        if unknown:
+            raise EngineError(
+                "{}: manifest names output(s) {} but the model has {}".format(where, unknown, list(names))
+            )
+        return dict(declared)
+    if len(names) == 1:
+        return {PHASE: names[0]}
+    roles: Dict[str, str] = {}
+    for name in names:
+        lowered = name.lower()
+        if "phase" in lowered or "phi" in lowered:
+            roles.setdefault(PHASE, name)
+        elif "amp" in lowered:
+            roles.setdefault(AMPLITUDE, name)
+    if PHASE not in roles:
+        raise EngineError(
+            "{}: cannot tell which of the outputs {} is the phase; declare it in the manifest "
+            "(outputs: {{phase: NAME}})".format(where, list(names))
+        )
+    return roles

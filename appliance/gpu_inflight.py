@@ -1,0 +1,158 @@
+"""A batch in flight on the GPU: one stream, one completion event, buffers of its own.
+
+The frames of a batch are consecutive slots of the ring's one pinned buffer, so
+getting them to the engine is a single step: on an integrated GPU (Jetson) the
+engine reads them through the mapped device pointer with no copy at all; on a
+discrete GPU one ``cudaMemcpyAsync`` moves the whole batch. Outputs come back
+into pinned host memory on the same stream, and an event recorded after them
+tells the pipeline, without blocking, when the batch is done. Each slot has its
+own stream, so while one slot computes, the next one's copy-in already runs.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from appliance import cuda
+from appliance.engines.base import Engine, EngineError
+from appliance.inflight import InflightSlot
+from appliance.ring import Batch, FrameRing
+
+# Stage marks recorded when a slot is made with ``timing=True``, in stream order.
+STAGES = ("start", "copied_in", "computed", "copied_out")
+
+
+class _Output:
+    """One output role's device buffer and its pinned host twin."""
+
+    def __init__(self, frames: int, frame_shape: tuple, dtype: np.dtype) -> None:
+        self.frame_nbytes = int(np.prod(frame_shape)) * dtype.itemsize
+        self.device = cuda.DeviceBuffer(frames * self.frame_nbytes)
+        self.host = cuda.PinnedBuffer(frames * self.frame_nbytes, mapped=False)
+        self.images = self.host.array.view(dtype).reshape((frames,) + tuple(frame_shape))
+
+    def close(self) -> None:
+        self.images = None
+        self.device.close()
+        self.host.close()
+
+
+class CudaSlot(InflightSlot):
+    def __init__(self, engine: Engine, ring: FrameRing, timing: bool = False) -> None:
+        super().__init__()
+        self._ring = ring
+        self._zero_copy = ring.memory.device_ptr is not None
+        self._stream = cuda.Stream()
+        self._done = cuda.Event()
+        self.marks: Dict[str, cuda.Event] = {stage: cuda.Event(timing=True) for stage in STAGES} if timing else {}
+        self._buffers_for: Optional[Engine] = None
+        self._input: Optional[cuda.DeviceBuffer] = None  # discrete GPU: where the batch is copied to
+        self._staging: Optional[cuda.PinnedBuffer] = None  # zero-copy, fixed batch: the padded batch
+        self._outputs: Dict[str, _Output] = {}
+        self._size = 0
+        self._allocate(engine)
+
+    @property
+    def stream(self) -> cuda.Stream:
+        return self._stream
+
+    def _allocate(self, engine: Engine) -> None:
+        """Buffers sized for ``engine``'s largest batch; done once per engine, never per batch."""
+        self._check_fits(engine)
+        self._release_buffers()
+        io = engine.io
+        capacity_nbytes = io.batch.size * self._ring.frame_nbytes
+        if not self._zero_copy:
+            self._input = cuda.DeviceBuffer(capacity_nbytes)
+        elif io.batch.fixed:
+            self._staging = cuda.PinnedBuffer(capacity_nbytes, mapped=True)
+            self._staging.array[:] = 0
+        for role in io.outputs:
+            self._outputs[role] = _Output(io.batch.size, io.output_image_shape(role), np.dtype(io.outputs[role].dtype))
+        self._buffers_for = engine
+
+    def _check_fits(self, engine: Engine) -> None:
+        io, ring = engine.io, self._ring
+        if np.dtype(io.input.dtype) != ring.dtype or io.image_shape != tuple(ring.frame_shape):
+            raise EngineError(
+                "{}: takes {} frames {}x{}; the ring holds {} frames {}x{}".format(
+                    engine.name, np.dtype(io.input.dtype).name, io.image_shape[0], io.image_shape[1],
+                    ring.dtype.name, ring.frame_shape[0], ring.frame_shape[1],
+                )
+            )
+
+    def launch(self, engine: Engine, batch: Batch) -> None:
+        if engine is not self._buffers_for:
+            self._allocate(engine)
+        spec = engine.io.batch
+        if batch.size > spec.size:
+            raise EngineError("{}: batch of {} exceeds the engine's {}".format(engine.name, batch.size, spec.describe()))
+        self.engine, self.batch, self._size = engine, batch, batch.size
+        run_size = spec.size if spec.fixed else batch.size
+        self._mark("start")
+        input_ptr = self._stage_input(batch, run_size)
+        self._mark("copied_in")
+        engine.enqueue(input_ptr, {role: out.device.ptr for role, out in self._outputs.items()}, run_size, self._stream.handle)
+        self._mark("computed")
+        for out in self._outputs.values():
+            cuda.copy_device_to_host(out.host.host_ptr, out.device.ptr, batch.size * out.frame_nbytes, self._stream)
+        self._mark("copied_out")
+        self._done.record(self._stream)
+
+    def _stage_input(self, batch: Batch, run_size: int) -> int:
+        """The device address of the batch, zero-padded to ``run_size`` frames."""
+        ring = self._ring
+        offset = batch.start * ring.frame_nbytes
+        nbytes = batch.size * ring.frame_nbytes
+        padding = (run_size - batch.size) * ring.frame_nbytes
+        if not self._zero_copy:
+            assert self._input is not None
+            cuda.copy_host_to_device(self._input.ptr, ring.memory.host_ptr + offset, nbytes, self._stream)
+            if padding:
+                cuda.memset(self._input.ptr + nbytes, 0, padding, self._stream)
+            return self._input.ptr
+        if not padding:
+            return ring.memory.device_ptr + offset
+        # A short batch for a fixed-batch engine: the frames after it in the ring are
+        # not ours to zero, so the batch goes to a padded buffer (a host copy, no DMA).
+        assert self._staging is not None and self._staging.device_ptr is not None
+        staging = self._staging.array
+        staging[:nbytes] = ring.memory.array[offset : offset + nbytes]
+        staging[nbytes : nbytes + padding] = 0
+        return self._staging.device_ptr
+
+    def _mark(self, stage: str) -> None:
+        event = self.marks.get(stage)
+        if event is not None:
+            event.record(self._stream)
+
+    def done(self) -> bool:
+        return self._done.query()
+
+    def wait(self) -> None:
+        self._done.synchronize()
+
+    def outputs(self) -> Dict[str, np.ndarray]:
+        return {role: out.images[: self._size] for role, out in self._outputs.items()}
+
+    def stage_times_ms(self, reference: cuda.Event) -> Dict[str, float]:
+        """When each stage of the last batch ended, in ms after ``reference`` (a completed timing event)."""
+        return {stage: event.elapsed_ms(reference) for stage, event in self.marks.items()}
+
+    def _release_buffers(self) -> None:
+        for buffer in [self._input, self._staging] + [o for o in self._outputs.values()]:
+            if buffer is not None:
+                buffer.close()
+        self._input, self._staging, self._outputs = None, None, {}
+
+    def close(self) -> None:
+        """Wait for the batch in flight, then free the slot's memory, stream and events."""
+        if self._stream.native is None:
+            return
+        self.wait()
+        self._release_buffers()
+        events: List[cuda.Event] = [self._done] + list(self.marks.values())
+        for event in events:
+            event.close()
+        self._stream.close()

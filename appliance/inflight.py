@@ -1,0 +1,87 @@
+"""In-flight slots: a batch on its way through an engine.
+
+The pipeline keeps N slots in a FIFO so the host can fill batch k+1 while batch
+k computes; completion is asked of each slot, never of the whole device. A CPU
+slot finishes inside :meth:`launch`; a CUDA slot (``appliance.gpu_inflight``)
+returns as soon as its work is queued on its own stream.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from appliance.engines.base import Engine
+from appliance.ring import Batch, FrameRing
+
+
+class InflightSlot(abc.ABC):
+    """One batch's journey; a slot is reused once its outputs have been consumed."""
+
+    def __init__(self) -> None:
+        self.batch: Optional[Batch] = None
+        self.engine: Optional[Engine] = None
+
+    @abc.abstractmethod
+    def launch(self, engine: Engine, batch: Batch) -> None:
+        """Start inference of ``batch`` (the frames stay in the ring until the slot is done)."""
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once outputs are ready on the host; never blocks."""
+
+    @abc.abstractmethod
+    def wait(self) -> None:
+        """Block until :meth:`done` would be true."""
+
+    @abc.abstractmethod
+    def outputs(self) -> Dict[str, np.ndarray]:
+        """Role -> (batch.size, H, W) host arrays, valid until the next launch; padding excluded."""
+
+
+class CpuSlot(InflightSlot):
+    """Runs synchronously; pads a short batch for fixed-batch models in a reused buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._padded: Optional[np.ndarray] = None
+        self._outputs: Dict[str, np.ndarray] = {}
+
+    def launch(self, engine: Engine, batch: Batch) -> None:
+        self.engine, self.batch = engine, batch
+        frames = batch.frames
+        spec = engine.io.batch
+        if spec.fixed and batch.size != spec.size:
+            frames = self._pad(frames, spec.size)
+        results = engine.run(frames)
+        self._outputs = {role: values[: batch.size] for role, values in results.items()}
+
+    def _pad(self, frames: np.ndarray, size: int) -> np.ndarray:
+        shape = (size,) + frames.shape[1:]
+        if self._padded is None or self._padded.shape != shape or self._padded.dtype != frames.dtype:
+            self._padded = np.zeros(shape, dtype=frames.dtype)
+        self._padded[: frames.shape[0]] = frames
+        self._padded[frames.shape[0] :] = 0
+        return self._padded
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Nothing to wait for: launch() already ran the batch."""
+
+    def outputs(self) -> Dict[str, np.ndarray]:
+        return self._outputs
+
+
+def make_slots(engine: Engine, ring: FrameRing, count: int) -> List[InflightSlot]:
+    """Slots suited to ``engine``: CUDA slots for GPU engines, one CPU slot otherwise.
+
+    A CPU engine runs synchronously, so more than one CPU slot would never overlap.
+    """
+    if engine.runs_on_gpu:
+        from appliance.gpu_inflight import CudaSlot
+
+        return [CudaSlot(engine, ring) for _ in range(count)]
+    return [CpuSlot()]

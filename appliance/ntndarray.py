@@ -1,0 +1,166 @@
+"""NTNDArray, the areaDetector image structure, as numpy arrays and frame metadata.
+
+This module reads and fills pvData structures through the mapping interface
+pvapy gives them; it never imports pvapy, so it can be exercised and reasoned
+about as plain data. The image comes back as the zero-copy view pvapy hands out
+(decompressed when a codec is set): the only copy of a frame is the one ingest
+makes into the ring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from appliance.compression import CodecError, decompress
+
+# NTNDArray value-union member <-> numpy dtype.
+UNION_FIELD_DTYPES: Dict[str, np.dtype] = {
+    "booleanValue": np.dtype(np.bool_),
+    "byteValue": np.dtype(np.int8),
+    "ubyteValue": np.dtype(np.uint8),
+    "shortValue": np.dtype(np.int16),
+    "ushortValue": np.dtype(np.uint16),
+    "intValue": np.dtype(np.int32),
+    "uintValue": np.dtype(np.uint32),
+    "longValue": np.dtype(np.int64),
+    "ulongValue": np.dtype(np.uint64),
+    "floatValue": np.dtype(np.float32),
+    "doubleValue": np.dtype(np.float64),
+}
+DTYPE_UNION_FIELDS = {dtype: name for name, dtype in UNION_FIELD_DTYPES.items()}
+
+# pvData ScalarType codes: NDPluginCodec stores the uncompressed type in codec.parameters.
+SCALAR_TYPE_DTYPES: Dict[int, np.dtype] = {
+    0: np.dtype(np.bool_),
+    1: np.dtype(np.int8),
+    2: np.dtype(np.int16),
+    3: np.dtype(np.int32),
+    4: np.dtype(np.int64),
+    5: np.dtype(np.uint8),
+    6: np.dtype(np.uint16),
+    7: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
+    9: np.dtype(np.float32),
+    10: np.dtype(np.float64),
+}
+DTYPE_SCALAR_TYPES = {dtype: code for code, dtype in SCALAR_TYPE_DTYPES.items()}
+
+TimeStamp = Tuple[int, int, int]  # secondsPastEpoch, nanoseconds, userTag
+
+
+class FrameError(ValueError):
+    """A frame that cannot be used; ``reason`` names the drop counter it goes to."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """What travels with a frame from the detector PV to every output PV."""
+
+    unique_id: int
+    timestamp: TimeStamp
+    data_timestamp: TimeStamp
+    attributes: Sequence[Any]  # as received; republished unchanged
+    position: Optional[Tuple[float, float]]  # sample (x, y) from the configured attributes
+
+
+def decode(pv: Any, position_names: Tuple[str, str]) -> Tuple[np.ndarray, FrameMeta]:
+    """The (rows, columns) image and metadata of one received NTNDArray.
+
+    Raises FrameError for anything that does not describe a 2-D image.
+    """
+    field = pv.getSelectedUnionFieldName("value")
+    if not field:
+        raise FrameError("empty", "uniqueId {}: value union is empty".format(pv["uniqueId"]))
+    data = pv["value"][0][field]
+    unique_id = int(pv["uniqueId"])
+    codec = pv["codec"]
+    if codec["name"]:
+        data = _decompress(codec, data, int(pv["uncompressedSize"]), unique_id)
+    width, height = _image_size(pv["dimension"], unique_id)
+    if data.size != width * height:
+        raise FrameError(
+            "size",
+            "uniqueId {}: value has {} elements of {}; dimension says {}x{} = {}".format(
+                unique_id, data.size, data.dtype.name, height, width, width * height
+            ),
+        )
+    attributes = pv["attribute"]
+    meta = FrameMeta(
+        unique_id=unique_id,
+        timestamp=_timestamp(pv["timeStamp"]),
+        data_timestamp=_timestamp(pv["dataTimeStamp"]),
+        attributes=attributes,
+        position=_position(attributes, position_names),
+    )
+    return data.reshape(height, width), meta
+
+
+def _decompress(codec: Mapping[str, Any], payload: np.ndarray, size: int, unique_id: int) -> np.ndarray:
+    parameters = codec["parameters"][0]
+    code = parameters.get("value") if isinstance(parameters, dict) else None
+    dtype = SCALAR_TYPE_DTYPES.get(code) if isinstance(code, int) else None
+    if dtype is None:
+        raise FrameError(
+            "codec",
+            "uniqueId {}: codec {} without a valid data type in codec.parameters (got {!r}; expected a pvData "
+            "ScalarType code 0..10)".format(unique_id, codec["name"], code),
+        )
+    try:
+        return decompress(codec["name"], payload, dtype, size)
+    except CodecError as exc:
+        raise FrameError(exc.reason, "uniqueId {}: {}".format(unique_id, exc)) from exc
+
+
+def _image_size(dimensions: Sequence[Mapping[str, Any]], unique_id: int) -> Tuple[int, int]:
+    """(width, height): dimension[0] is x, the fastest-varying axis."""
+    if len(dimensions) != 2:
+        raise FrameError(
+            "shape",
+            "uniqueId {}: {} dimensions; expected 2 (a monochrome image)".format(unique_id, len(dimensions)),
+        )
+    width, height = int(dimensions[0]["size"]), int(dimensions[1]["size"])
+    if width <= 0 or height <= 0:
+        raise FrameError("shape", "uniqueId {}: dimension sizes {}x{}; expected positive".format(unique_id, height, width))
+    return width, height
+
+
+def _timestamp(value: Mapping[str, int]) -> TimeStamp:
+    return int(value["secondsPastEpoch"]), int(value["nanoseconds"]), int(value["userTag"])
+
+
+def _position(attributes: Sequence[Mapping[str, Any]], names: Tuple[str, str]) -> Optional[Tuple[float, float]]:
+    found: Dict[str, float] = {}
+    for attribute in attributes:
+        name = attribute["name"]
+        if name in names:
+            value = attribute["value"][0].get("value")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found[name] = float(value)
+    if names[0] in found and names[1] in found:
+        return found[names[0]], found[names[1]]
+    return None
+
+
+def dimensions(height: int, width: int) -> List[Dict[str, Any]]:
+    """The NTNDArray dimension array for a (height, width) image."""
+    return [
+        {"size": width, "offset": 0, "fullSize": width, "binning": 1, "reverse": False},
+        {"size": height, "offset": 0, "fullSize": height, "binning": 1, "reverse": False},
+    ]
+
+
+def timestamp_field(stamp: TimeStamp) -> Dict[str, int]:
+    return {"secondsPastEpoch": stamp[0], "nanoseconds": stamp[1], "userTag": stamp[2]}
+
+
+def union_field(dtype: Any) -> str:
+    name = DTYPE_UNION_FIELDS.get(np.dtype(dtype))
+    if name is None:
+        raise ValueError("no NTNDArray value field for dtype {}".format(np.dtype(dtype)))
+    return name

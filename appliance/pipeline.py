@@ -1,0 +1,220 @@
+"""The hot loop: batch frames from the ring, run them in flight, publish results in order.
+
+Batching adapts to the load: a backlog goes out in full batches; a trickle goes
+out after at most ``max_wait_ms`` so the last frames of a scan never wait for
+frames that will not come. Engine swaps happen between batches: batches in
+flight finish on the engine they started with, which is closed after its last
+batch completes.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Callable, Deque, Dict, List, Optional
+
+import numpy as np
+
+from appliance.config import PipelineConfig
+from appliance.engines.base import Engine
+from appliance.inflight import InflightSlot, make_slots
+from appliance.ntndarray import FrameMeta
+from appliance.ring import Batch, FrameRing
+from appliance.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+ResultSink = Callable[[FrameMeta, Dict[str, np.ndarray]], None]
+
+_IDLE_TICK_S = 0.25  # the loop reports progress at least this often when idle
+HANG_HOOK_ENV = "PTYCHONN_EDGE_TEST_HANG_FILE"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        ring: FrameRing,
+        engine: Optional[Engine],
+        sink: ResultSink,
+        telemetry: Telemetry,
+    ) -> None:
+        self._config = config
+        self._ring = ring
+        self._sink = sink
+        self._telemetry = telemetry
+        self._counters = telemetry.counters
+        self._engine: Optional[Engine] = None
+        self._slots: List[InflightSlot] = []
+        self._inflight: Deque[InflightSlot] = collections.deque()
+        self._pending_engine: Optional[Engine] = None
+        self._retiring: List[Engine] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._failure: Optional[str] = None
+        self._hang_file = os.environ.get(HANG_HOOK_ENV)
+        self.progress = 0
+        if engine is not None:
+            self._install(engine)
+
+    # -- control (other threads) ----------------------------------------------
+    @property
+    def engine(self) -> Optional[Engine]:
+        return self._engine
+
+    def swap_engine(self, engine: Engine) -> None:
+        """Serve ``engine`` from the next batch on."""
+        with self._lock:
+            if self._pending_engine is not None:
+                self._pending_engine.close()
+            self._pending_engine = engine
+        self._ring.wake()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Finish every frame already received, then stop; True if it finished in time."""
+        self._stopping.set()
+        self._ring.wake()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def failure(self) -> Optional[str]:
+        return self._failure
+
+    # -- the loop (pipeline thread) -------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self.progress += 1
+                self._wait_while_hang_hook()
+                self._take_pending_engine()
+                self._complete_finished()
+                if self._stopping.is_set() and self._ring.waiting() == 0 and not self._inflight:
+                    break
+                if self._engine is None:
+                    self._drop_without_engine()
+                    continue
+                if len(self._inflight) == len(self._slots):
+                    self._complete(self._inflight.popleft(), block=True)
+                    continue
+                batch = self._next_batch(self._batch_limit(self._engine))
+                if batch is not None:
+                    self._launch(batch)
+                elif self._inflight:
+                    self._complete(self._inflight.popleft(), block=True)
+            self._close_engines()
+        except Exception as exc:  # the service must learn of it and restart us
+            self._failure = "pipeline thread died: {}: {}".format(type(exc).__name__, exc)
+            log.exception("pipeline thread died")
+
+    def _wait_while_hang_hook(self) -> None:
+        """Test hook: a stuck pipeline, for proving the watchdog restarts the service."""
+        while self._hang_file and os.path.exists(self._hang_file):
+            time.sleep(0.05)
+
+    def _batch_limit(self, engine: Engine) -> int:
+        spec = engine.io.batch
+        return spec.size if spec.fixed else min(spec.size, self._config.max_batch)
+
+    def _next_batch(self, limit: int) -> Optional[Batch]:
+        """A full batch at once, or whatever waits once the oldest frame has waited max_wait."""
+        ring = self._ring
+        if ring.waiting() >= limit:
+            return ring.take(limit)
+        oldest = ring.oldest_arrival()
+        if oldest is None:
+            ring.wait_for_frames(1, time.monotonic() + _IDLE_TICK_S)
+            return None
+        deadline = oldest + self._config.max_wait_ms / 1e3
+        if self._stopping.is_set():
+            deadline = time.monotonic()
+        if ring.wait_for_frames(limit, min(deadline, time.monotonic() + _IDLE_TICK_S)) >= limit:
+            return ring.take(limit)
+        if time.monotonic() >= deadline:
+            return ring.take(limit)
+        return None
+
+    def _launch(self, batch: Batch) -> None:
+        slot = next(s for s in self._slots if s not in self._inflight)
+        engine = self._engine
+        assert engine is not None
+        try:
+            slot.launch(engine, batch)
+        except Exception as exc:
+            self._fail_batch(batch, exc)
+            return
+        self._counters.batches += 1
+        self._inflight.append(slot)
+
+    def _complete_finished(self) -> None:
+        while self._inflight and self._inflight[0].done():
+            self._complete(self._inflight.popleft(), block=False)
+
+    def _complete(self, slot: InflightSlot, block: bool) -> None:
+        batch = slot.batch
+        assert batch is not None
+        try:
+            if block:
+                slot.wait()
+            outputs = slot.outputs()
+        except Exception as exc:
+            self._fail_batch(batch, exc)
+            return
+        for index, meta in enumerate(batch.metas):
+            self._sink(meta, {role: images[index] for role, images in outputs.items()})
+            self._counters.published += 1
+            self._telemetry.latency.add(time.monotonic() - batch.arrivals[index])
+        self._ring.release(batch)
+        self._retire_unused_engines()
+
+    def _fail_batch(self, batch: Batch, exc: Exception) -> None:
+        message = "inference of {} frames (uniqueId {}..{}) failed: {}: {}".format(
+            batch.size, batch.metas[0].unique_id, batch.metas[-1].unique_id, type(exc).__name__, exc
+        )
+        log.error("%s", message)
+        self._telemetry.note_error(message)
+        self._counters.drop("engine", batch.size)
+        self._ring.release(batch)
+
+    def _drop_without_engine(self) -> None:
+        """No engine yet: received frames are counted as dropped, not left to fill the ring."""
+        batch = self._ring.take(self._ring.capacity)
+        if batch is None:
+            self._ring.wait_for_frames(1, time.monotonic() + _IDLE_TICK_S)
+            return
+        self._counters.drop("no_engine", batch.size)
+        self._ring.release(batch)
+
+    # -- engines ----------------------------------------------------------------
+    def _take_pending_engine(self) -> None:
+        with self._lock:
+            engine, self._pending_engine = self._pending_engine, None
+        if engine is not None:
+            if self._engine is not None:
+                self._retiring.append(self._engine)
+            self._install(engine)
+            log.info("now serving %s", engine.describe())
+
+    def _install(self, engine: Engine) -> None:
+        self._engine = engine
+        self._slots = list(self._inflight) + make_slots(engine, self._ring, self._config.in_flight)
+
+    def _retire_unused_engines(self) -> None:
+        busy = {id(slot.engine) for slot in self._inflight}
+        for engine in [e for e in self._retiring if id(e) not in busy]:
+            self._retiring.remove(engine)
+            engine.close()
+        self._slots = [s for s in self._slots if s in self._inflight or s.engine in (None, self._engine)]
+
+    def _close_engines(self) -> None:
+        for engine in self._retiring + ([self._engine] if self._engine else []):
+            engine.close()
+        self._retiring = []

@@ -1,0 +1,248 @@
+"""EPICS PVAccess through pvapy: the detector monitor (source) and our records (sink).
+
+This is the only module that imports pvapy. Records reuse one PvObject each and
+only change fields per update: building a pvData structure per frame costs more
+than the frame's whole trip through the pipeline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from appliance import ntndarray
+from appliance.compression import compress
+from appliance.ntndarray import FrameMeta, TimeStamp
+
+log = logging.getLogger(__name__)
+
+
+def _pvaccess() -> Any:
+    """pvapy, imported when a PVA object is first needed (so CLI help and tests without PVA stay light)."""
+    import pvaccess
+
+    return pvaccess
+
+
+def monitor_request(queue_size: int) -> str:
+    """Ask for every field (the default drops uniqueId, dimension and attribute) and a server-side queue."""
+    return "record[queueSize={}]field()".format(queue_size)
+
+
+class FrameSource:
+    """A monitor on the detector's NTNDArray PV; ``callback`` runs on the pvAccess thread."""
+
+    def __init__(self, pv_name: str, queue_size: int, callback: Callable[[Any], None]) -> None:
+        self.pv_name = pv_name
+        self._request = monitor_request(queue_size)
+        self._callback = callback
+        self._channel: Any = None
+
+    def start(self) -> None:
+        self._channel = _pvaccess().Channel(self.pv_name)
+        self._channel.monitor(self._callback, self._request)
+
+    def connected(self) -> bool:
+        return self._channel is not None and bool(self._channel.isConnected())
+
+    def overruns(self) -> int:
+        """Updates the server had to discard because its queue for us was full."""
+        if self._channel is None:
+            return 0
+        return int(self._channel.getMonitorCounters().get("nOverruns", 0))
+
+    def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.stopMonitor()
+            self._channel = None
+
+
+def attributes(values: Mapping[str, Any]) -> Sequence[Dict[str, Any]]:
+    """NTAttribute entries for plain values (what an areaDetector attributes file produces)."""
+    pvaccess = _pvaccess()
+    entries = []
+    for name, value in values.items():
+        if isinstance(value, float):
+            kind = pvaccess.DOUBLE
+        elif isinstance(value, bool):
+            kind = pvaccess.BOOLEAN
+        elif isinstance(value, int):
+            kind = pvaccess.LONG
+        else:
+            kind, value = pvaccess.STRING, str(value)
+        entries.append({"name": name, "value": pvaccess.PvObject({"value": kind}, {"value": value})})
+    return entries
+
+
+class Server:
+    """One PvaServer per process, holding this process's records."""
+
+    def __init__(self) -> None:
+        self._server = _pvaccess().PvaServer()
+        self.names: List[str] = []
+
+    def add_image(self, name: str) -> "ImageRecord":
+        self.names.append(name)
+        return ImageRecord(self._server, name)
+
+    def add_status(self, name: str) -> "StatusRecord":
+        self.names.append(name)
+        return StatusRecord(self._server, name)
+
+    def add_command(self, name: str, on_command: Callable[[str], str]) -> "CommandRecord":
+        self.names.append(name)
+        return CommandRecord(self._server, name, on_command)
+
+    def close(self) -> None:
+        for name in self.names:
+            self._server.removeRecord(name)
+        self.names = []
+        self._server.stop()
+
+
+class ImageRecord:
+    """An NTNDArray record updated in place."""
+
+    def __init__(self, server: Any, name: str) -> None:
+        pvaccess = _pvaccess()
+        self.name = name
+        self._server = server
+        self._object = pvaccess.NtNdArray()
+        self._shape: Optional[Tuple[int, int]] = None
+        self._codec: Optional[str] = None
+        server.addRecord(name, pvaccess.NtNdArray())
+
+    def publish(
+        self,
+        image: np.ndarray,
+        unique_id: int,
+        timestamp: TimeStamp,
+        data_timestamp: TimeStamp,
+        frame_attributes: Sequence[Any] = (),
+        codec: Optional[str] = None,
+    ) -> None:
+        pv = self._object
+        if codec:
+            self._set_compressed(image, codec)
+        else:
+            if self._codec:
+                pv["codec"] = {"name": ""}
+                pv["compressedSize"] = pv["uncompressedSize"] = 0
+                self._codec = None
+            pv["value"] = {ntndarray.union_field(image.dtype): image.ravel()}
+        if self._shape != image.shape:
+            pv["dimension"] = ntndarray.dimensions(image.shape[0], image.shape[1])
+            self._shape = image.shape
+        pv["uniqueId"] = unique_id
+        pv["timeStamp"] = ntndarray.timestamp_field(timestamp)
+        pv["dataTimeStamp"] = ntndarray.timestamp_field(data_timestamp)
+        pv["attribute"] = list(frame_attributes)
+        self._server.update(self.name, pv)
+
+    def publish_frame(self, image: np.ndarray, meta: FrameMeta) -> None:
+        """An output image carrying its input frame's identity, times and attributes."""
+        self.publish(image, meta.unique_id, meta.timestamp, meta.data_timestamp, meta.attributes)
+
+    def publish_raw(self, pv_object: Any) -> None:
+        """Send a hand-built structure as is (to test how receivers treat malformed frames)."""
+        self._server.update(self.name, pv_object)
+
+    def _set_compressed(self, image: np.ndarray, codec: str) -> None:
+        pvaccess = _pvaccess()
+        payload = compress(codec, np.ascontiguousarray(image))
+        pv = self._object
+        pv["value"] = {"ubyteValue": np.frombuffer(payload, dtype=np.uint8)}
+        code = ntndarray.DTYPE_SCALAR_TYPES[image.dtype]
+        pv["codec"] = {"name": codec, "parameters": pvaccess.PvObject({"value": pvaccess.INT}, {"value": code})}
+        pv["compressedSize"] = len(payload)
+        pv["uncompressedSize"] = image.nbytes
+        self._codec = codec
+
+
+# P:Status fields: a typed structure for tools and widgets, plus the whole snapshot as JSON.
+_STATUS_NUMBERS = (
+    ("received", "LONG"),
+    ("published", "LONG"),
+    ("dropped_total", "LONG"),
+    ("missing_upstream", "LONG"),
+    ("upstream_overruns", "LONG"),
+    ("acquisitions", "LONG"),
+    ("queue_depth", "LONG"),
+    ("rate_in_hz", "DOUBLE"),
+    ("rate_out_hz", "DOUBLE"),
+    ("latency_p50_ms", "DOUBLE"),
+    ("latency_p99_ms", "DOUBLE"),
+    ("latency_max_ms", "DOUBLE"),
+    ("uptime_s", "DOUBLE"),
+)
+_STATUS_FLAGS = ("detector_connected",)
+_STATUS_STRINGS = ("state", "engine_name", "engine_sha256", "engine_backend", "summary", "json")
+
+
+def flatten_status(snapshot: Mapping[str, Any]) -> Dict[str, Any]:
+    """The typed P:Status fields of a telemetry snapshot (missing numbers are NaN/0)."""
+    latency = snapshot.get("latency") or {}
+    values: Dict[str, Any] = {}
+    for name, kind in _STATUS_NUMBERS:
+        raw = latency.get(name[len("latency_") :]) if name.startswith("latency_") else snapshot.get(name)
+        if kind == "LONG":
+            values[name] = int(raw or 0)
+        else:
+            values[name] = float("nan") if raw is None else float(raw)
+    for name in _STATUS_FLAGS:
+        values[name] = bool(snapshot.get(name))
+    for name in _STATUS_STRINGS:
+        values[name] = str(snapshot.get(name) or "")
+    values["json"] = json.dumps(snapshot, default=str, sort_keys=True)
+    return values
+
+
+class StatusRecord:
+    def __init__(self, server: Any, name: str) -> None:
+        pvaccess = _pvaccess()
+        self.name = name
+        self._server = server
+        structure = {name: getattr(pvaccess, kind) for name, kind in _STATUS_NUMBERS}
+        structure.update({name: pvaccess.BOOLEAN for name in _STATUS_FLAGS})
+        structure.update({name: pvaccess.STRING for name in _STATUS_STRINGS})
+        self._object = pvaccess.PvObject(structure)
+        server.addRecord(name, pvaccess.PvObject(structure))
+
+    def publish(self, snapshot: Mapping[str, Any]) -> None:
+        self._object.set(flatten_status(snapshot))
+        self._server.update(self.name, self._object)
+
+
+class CommandRecord:
+    """A string PV operators write commands to (``reset``, ``rescan``); it holds the last reply."""
+
+    def __init__(self, server: Any, name: str, on_command: Callable[[str], str]) -> None:
+        pvaccess = _pvaccess()
+        self.name = name
+        self._on_command = on_command
+        self._server = server
+        server.addRecord(name, pvaccess.PvObject({"value": pvaccess.STRING}), self._written)
+
+    def _written(self, pv: Any) -> None:
+        command = str(pv["value"]).strip()
+        try:
+            reply = self._on_command(command)
+        except ValueError as exc:
+            reply = "error: {}".format(exc)
+        log.info("command %r: %s", command, reply)
+
+
+def read_once(pv_name: str, timeout_s: float = 5.0) -> Dict[str, Any]:
+    """One get of a PV as a plain dict (for the status command and tools)."""
+    channel = _pvaccess().Channel(pv_name)
+    channel.setTimeout(timeout_s)
+    return channel.get("field()").toDict()
+
+
+def put_string(pv_name: str, value: str, timeout_s: float = 5.0) -> None:
+    channel = _pvaccess().Channel(pv_name)
+    channel.setTimeout(timeout_s)
+    channel.putString(value)
+

@@ -1,0 +1,254 @@
+"""The running appliance: every stage wired together, started and stopped in order.
+
+Start order is output first (our PV server, so results have somewhere to go),
+then the pipeline, then the detector monitor; stop is the reverse, so a frame
+that was received is always published or counted before the process exits.
+Process lifecycle (signals, systemd) is :mod:`appliance.service`'s business.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from appliance.config import Config, load_config
+from appliance.engines import is_engine_file, open_engine
+from appliance.engines.base import AMPLITUDE, PHASE, Engine, EngineError
+from appliance.ingest import Ingest
+from appliance.ntndarray import FrameMeta
+from appliance.pipeline import Pipeline
+from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord
+from appliance.ring import FrameRing, HostBuffer
+from appliance.telemetry import Telemetry, status_line
+
+log = logging.getLogger(__name__)
+
+
+class Appliance:
+    def __init__(self, config: Config, config_path: Optional[str] = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.telemetry = Telemetry(config.publish.latency_window)
+        self.telemetry.add_provider(self._status_fields)
+        self._server: Optional[Server] = None
+        self._images: Dict[str, ImageRecord] = {}
+        self._status: Optional[StatusRecord] = None
+        self._ring: Optional[FrameRing] = None
+        self._pipeline: Optional[Pipeline] = None
+        self._source: Optional[FrameSource] = None
+        self._ingest: Optional[Ingest] = None
+        self._state = "starting"
+        self._stop_status = threading.Event()
+        self._status_thread: Optional[threading.Thread] = None
+        self._result_listeners: List[Callable[[FrameMeta, Dict[str, np.ndarray]], None]] = []
+        self._idle_ticks = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Serve; raises EngineError when a configured engine file cannot serve."""
+        engine = self._initial_engine()
+        self._server = Server()
+        prefix = self.config.publish.prefix
+        self._status = self._server.add_status(prefix + ":Status")
+        self._images[PHASE] = self._server.add_image(prefix + ":Phase")
+        if engine is None:
+            self._state = "waiting for an engine in {}".format(self.config.engine.directory)
+            log.warning("%s", self._state)
+        else:
+            self._serve(engine)
+        self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
+        self._status_thread.start()
+
+    def _serve(self, engine: Engine) -> None:
+        """Build the frame path around ``engine``'s input and start receiving."""
+        config = self.config
+        self._ring = FrameRing(
+            config.pipeline.ring_capacity, engine.io.image_shape, engine.io.input.dtype, self._allocator(engine)
+        )
+        if AMPLITUDE in engine.io.outputs and self._server is not None:
+            self._images[AMPLITUDE] = self._server.add_image(config.publish.prefix + ":Amplitude")
+        self._pipeline = Pipeline(config.pipeline, self._ring, engine, self._deliver, self.telemetry)
+        self._pipeline.start()
+        self._ingest = Ingest(config, self._ring, self.telemetry)
+        self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update)
+        self._source.start()
+        self._state = "serving"
+        log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop receiving, publish everything already received, release everything."""
+        self._state = "stopping"
+        if self._source is not None:
+            self._source.stop()
+        drained = self._pipeline.stop(timeout_s) if self._pipeline is not None else True
+        if not drained:
+            log.error("drain did not finish within %.1f s; %d frames left", timeout_s, self.queue_depth())
+        self._stop_status.set()
+        if self._status_thread is not None:
+            self._status_thread.join()
+        self._publish_status()
+        if self._server is not None:
+            self._server.close()
+        if self._ring is not None and drained:
+            self._ring.close()
+        return drained
+
+    def reload(self) -> None:
+        """Re-read the config file (only to report what needs a restart) and rescan engines."""
+        if self.config_path:
+            try:
+                fresh = load_config(self.config_path)
+            except (OSError, ValueError) as exc:
+                log.error("reload: config not reloaded, keeping the running one: %s", exc)
+            else:
+                if fresh != self.config:
+                    log.warning("reload: %s changed; the new settings apply after a restart", self.config_path)
+        self.rescan_engines()
+
+    def rescan_engines(self) -> None:
+        """Serve the newest usable engine file if it is not the one serving."""
+        current = self._pipeline.engine if self._pipeline else None
+        engine = self._newest_engine(exclude=current.path if current else None, newer_than=current)
+        if engine is None:
+            return
+        if self._pipeline is None:
+            self._serve(engine)
+        else:
+            self._pipeline.swap_engine(engine)
+
+    # -- queries -------------------------------------------------------------------
+    def progress(self) -> int:
+        """Grows while the pipeline thread loops (or while waiting for an engine, nothing can hang)."""
+        if self._pipeline is None:
+            self._idle_ticks += 1
+            return self._idle_ticks
+        return self._pipeline.progress
+
+    def failure(self) -> Optional[str]:
+        return self._pipeline.failure() if self._pipeline is not None else None
+
+    def queue_depth(self) -> int:
+        return self._ring.depth() if self._ring is not None else 0
+
+    def status_line(self) -> str:
+        return status_line(self.telemetry.snapshot())
+
+    def add_status_fields(self, provider: Callable[[], Dict[str, object]]) -> None:
+        self.telemetry.add_provider(provider)
+
+    def add_result_listener(self, listener: Callable[[FrameMeta, Dict[str, np.ndarray]], None]) -> None:
+        """Also hand every published result to ``listener`` (pipeline thread; keep it quick)."""
+        self._result_listeners.append(listener)
+
+    # -- internals -------------------------------------------------------------------
+    def _deliver(self, meta: FrameMeta, images: Dict[str, np.ndarray]) -> None:
+        for role, image in images.items():
+            record = self._images.get(role)
+            if record is not None:
+                record.publish_frame(image, meta)
+        for listener in self._result_listeners:
+            listener(meta, images)
+
+    def _allocator(self, engine: Engine) -> Callable[[int], object]:
+        if engine.runs_on_gpu:
+            from appliance.cuda import PinnedBuffer
+
+            return PinnedBuffer
+        return HostBuffer
+
+    def _initial_engine(self) -> Optional[Engine]:
+        path = self.config.engine.path
+        if path:
+            return self._open(path)
+        return self._newest_engine(exclude=None, newer_than=None)
+
+    def _newest_engine(self, exclude: Optional[str], newer_than: Optional[Engine]) -> Optional[Engine]:
+        """The newest engine file in the engines directory that opens and fits the stream."""
+        directory = self.config.engine.directory
+        try:
+            names = os.listdir(directory)
+        except OSError as exc:
+            log.error("cannot list engines directory: %s", exc)
+            return None
+        candidates = []
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.startswith(".") or not is_engine_file(name) or path == exclude:
+                continue
+            try:
+                candidates.append((os.stat(path).st_mtime, path))
+            except OSError:
+                continue
+        floor = os.stat(newer_than.path).st_mtime if newer_than and os.path.exists(newer_than.path) else None
+        for mtime, path in sorted(candidates, reverse=True):
+            if floor is not None and mtime <= floor:
+                return None
+            try:
+                return self._open(path)
+            except EngineError as exc:
+                log.error("engine rejected: %s", exc)
+        return None
+
+    def _open(self, path: str) -> Engine:
+        engine = open_engine(path, self.config.pipeline.max_batch, self.config.engine.cpu_threads)
+        try:
+            self._check_fits_stream(engine)
+            self._warm_up(engine)
+        except Exception:
+            engine.close()
+            raise
+        return engine
+
+    def _check_fits_stream(self, engine: Engine) -> None:
+        ring = self._ring
+        if ring is None:
+            return
+        if engine.io.image_shape != ring.frame_shape or np.dtype(engine.io.input.dtype) != ring.dtype:
+            raise EngineError(
+                "{}: takes {} {}x{} frames; the stream is set up for {} {}x{}".format(
+                    engine.path, np.dtype(engine.io.input.dtype).name, engine.io.image_shape[0],
+                    engine.io.image_shape[1], ring.dtype.name, ring.frame_shape[0], ring.frame_shape[1],
+                )
+            )
+
+    def _warm_up(self, engine: Engine) -> None:
+        """One inference before serving: the first run of a model is slow and may fail."""
+        batch = engine.io.batch.size if engine.io.batch.fixed else 1
+        frames = np.zeros((batch,) + engine.io.image_shape, dtype=engine.io.input.dtype)
+        try:
+            outputs = engine.run(frames)
+        except Exception as exc:
+            raise EngineError("{}: warm-up inference failed: {}: {}".format(engine.path, type(exc).__name__, exc)) from exc
+        for role in engine.io.outputs:
+            if role not in outputs or outputs[role].shape[0] != batch:
+                raise EngineError("{}: warm-up produced no {} output for {} frames".format(engine.path, role, batch))
+
+    def _status_fields(self) -> Dict[str, object]:
+        engine = self._pipeline.engine if self._pipeline is not None else None
+        if self._source is not None:
+            self.telemetry.counters.upstream_overruns = self._source.overruns()
+        return {
+            "state": self._state,
+            "engine_name": engine.name if engine else "",
+            "engine_sha256": engine.sha256 if engine else "",
+            "engine_backend": engine.backend if engine else "",
+            "queue_depth": self.queue_depth(),
+            "detector_pv": self.config.detector.pv,
+            "detector_connected": self._source is not None and self._source.connected(),
+        }
+
+    def _status_loop(self) -> None:
+        while not self._stop_status.wait(self.config.publish.status_period_s):
+            self._publish_status()
+
+    def _publish_status(self) -> None:
+        snapshot = self.telemetry.snapshot()
+        snapshot["summary"] = status_line(snapshot)
+        if self._status is not None:
+            try:
+                self._status.publish(snapshot)
+            except Exception as exc:  # a status hiccup must not take the service down
+                log.warning("status publish failed: %s", exc)

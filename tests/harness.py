@@ -1,0 +1,134 @@
+"""Real PVA peers for tests: an output collector and an appliance process.
+
+The appliance runs as ``ptychonn-edge run`` in its own process, exactly as
+systemd starts it, with its PVA server on this test run's appliance ports.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pvaccess
+import yaml
+
+
+@dataclass
+class Received:
+    unique_id: int
+    image: np.ndarray
+    timestamp: Dict[str, int]
+    data_timestamp: Dict[str, int]
+    attributes: Dict[str, Any]
+
+
+class Collector:
+    """Monitors an NTNDArray PV and keeps a copy of every update."""
+
+    def __init__(self, pv_name: str, queue_size: int = 10000) -> None:
+        self.items: List[Received] = []
+        self.updates = 0
+        self._changed = threading.Condition()
+        self._channel = pvaccess.Channel(pv_name)
+        self._channel.monitor(self._on_update, "record[queueSize={}]field()".format(queue_size))
+        with self._changed:  # every monitor starts with the record's current value: connected
+            if not self._changed.wait_for(lambda: self.updates > 0, 10.0):
+                raise AssertionError("no connection to {}".format(pv_name))
+
+    def _on_update(self, pv: Any) -> None:
+        with self._changed:
+            self.updates += 1
+            self._changed.notify_all()
+        field = pv.getSelectedUnionFieldName("value")
+        if not field:
+            return
+        dims = pv["dimension"]
+        image = np.array(pv["value"][0][field]).reshape(dims[1]["size"], dims[0]["size"])
+        attributes = {a["name"]: a["value"][0].get("value") for a in pv["attribute"]}
+        item = Received(pv["uniqueId"], image, pv["timeStamp"], pv["dataTimeStamp"], attributes)
+        with self._changed:
+            self.items.append(item)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> List[Received]:
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
+            return list(self.items)
+
+    def ids(self) -> List[int]:
+        with self._changed:
+            return [item.unique_id for item in self.items]
+
+    def close(self) -> None:
+        self._channel.stopMonitor()
+
+
+def write_config(path: str, detector_pv: str, prefix: str, engine_path: Optional[str] = None,
+                 engine_dir: Optional[str] = None, **sections: Dict[str, Any]) -> str:
+    config: Dict[str, Any] = {
+        "detector": {"pv": detector_pv},
+        "engine": {"directory": engine_dir or os.path.dirname(path)},
+        "publish": {"prefix": prefix, "status_period_s": 0.2},
+    }
+    if engine_path:
+        config["engine"]["path"] = engine_path
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    with open(path, "w") as handle:
+        yaml.safe_dump(config, handle)
+    return path
+
+
+class ApplianceProcess:
+    """``ptychonn-edge run`` in a subprocess; waits until its status PV answers."""
+
+    def __init__(self, config_path: str, env: Dict[str, str], prefix: str) -> None:
+        self.prefix = prefix
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "run", "--config", config_path],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.output = ""
+
+    def wait_ready(self, timeout: float = 30.0) -> Dict[str, Any]:
+        """The first P:Status whose state is 'serving' (or the process's output if it died)."""
+        deadline = time.monotonic() + timeout
+        channel = pvaccess.Channel(self.prefix + ":Status")
+        channel.setTimeout(1.0)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError("appliance exited {}:\n{}".format(self.process.returncode, self.finish()))
+            try:
+                status = channel.get("field()").toDict()
+            except pvaccess.PvaException:
+                continue  # not connected yet: the get itself waited up to its timeout
+            if status["state"] == "serving" and status["detector_connected"]:
+                return status
+            time.sleep(0.05)  # polling a remote state that has no event to await
+        raise AssertionError("appliance not serving after {} s".format(timeout))
+
+    def status(self) -> Dict[str, Any]:
+        channel = pvaccess.Channel(self.prefix + ":Status")
+        channel.setTimeout(2.0)
+        return channel.get("field()").toDict()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.finish(timeout)
+        return self.process.returncode
+
+    def finish(self, timeout: float = 30.0) -> str:
+        try:
+            out, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        self.output += out or ""
+        return self.output
