@@ -49,12 +49,13 @@ class Ingest:
     def on_update(self, pv: Any) -> None:
         """The monitor callback."""
         arrival = time.monotonic()
-        if not pv.getSelectedUnionFieldName("value") and int(pv["uniqueId"]) == 0:
+        unique_id = int(pv["uniqueId"])
+        if unique_id == 0 and not pv.getSelectedUnionFieldName("value"):
             return  # a record that was never written: the update every monitor gets on connect
         self._counters.received += 1
+        self._track_id(unique_id)
         try:
             image, meta = decode(pv, self._position_names)
-            self._track_id(meta.unique_id)
             self._store(image, meta, arrival)
         except FrameError as exc:
             self._drop(exc.reason, str(exc))

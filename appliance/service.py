@@ -18,11 +18,13 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from appliance import jetson_stats
 from appliance.config import Config, load_config
@@ -36,8 +38,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGHUP,)
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Upper bound on one wait, so a dead pipeline thread is noticed within a second
 # even when the status period and the watchdog interval are long.
 _MAX_WAIT_S = 1.0
@@ -128,11 +129,45 @@ def _monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-class _StartupKeepalive:
-    """Feeds the watchdog while ``start()`` runs (an engine build can take minutes).
+class _Signals:
+    """SIGTERM, SIGINT and SIGHUP as bytes on a socket, whichever thread the kernel picked.
 
-    The pipeline cannot make progress before it exists; TimeoutStartSec bounds
-    the start instead. Stops as soon as the appliance is started.
+    Native threads started by libraries at import (EPICS, ONNX Runtime) do not
+    block signals, so a blocked-mask-plus-sigtimedwait scheme would let the
+    default action kill the process when the kernel delivers there. Python's C
+    handler writes every signal number to the wakeup fd instead, and the main
+    thread waits on it with a timeout.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        for number in _HANDLED_SIGNALS:
+            signal.signal(number, _note_signal)
+
+    def wait(self, timeout_s: float) -> List[int]:
+        """Signal numbers received, oldest first; empty after ``timeout_s`` without any."""
+        readable, _, _ = select.select([self._read], [], [], timeout_s)
+        if not readable:
+            return []
+        try:
+            return [number for number in self._read.recv(256) if number in _HANDLED_SIGNALS]
+        except BlockingIOError:
+            return []
+
+
+def _note_signal(number: int, frame: object) -> None:
+    """The wakeup fd already carries the signal; this handler only replaces the default action."""
+
+
+class _WatchdogKeepalive:
+    """Feeds the watchdog while ``start()`` or ``stop()`` hold the main thread.
+
+    An engine build at start can take minutes and a drain takes up to
+    pipeline.drain_timeout_s; progress means nothing then, and systemd bounds
+    both phases by TimeoutStartSec and TimeoutStopSec instead.
     """
 
     def __init__(self, notify: Notifier, interval_s: Optional[float]) -> None:
@@ -141,9 +176,9 @@ class _StartupKeepalive:
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def __enter__(self) -> "_StartupKeepalive":
+    def __enter__(self) -> "_WatchdogKeepalive":
         if self._notify.active and self._interval_s:
-            self._thread = threading.Thread(target=self._run, name="startup-watchdog", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="watchdog-keepalive", daemon=True)
             self._thread.start()
         return self
 
@@ -191,8 +226,11 @@ class _ProgressWatchdog:
 class _Service:
     """The main thread's loop: status, watchdog, reload and stop, driven by signals."""
 
-    def __init__(self, config: Config, config_path: str, appliance: Appliance, notify: Notifier) -> None:
+    def __init__(
+        self, config: Config, config_path: str, appliance: Appliance, notify: Notifier, signals: _Signals
+    ) -> None:
         self._config = config
+        self._signals = signals
         self._config_path = config_path
         self._appliance = appliance
         self._notify = notify
@@ -212,13 +250,10 @@ class _Service:
                 self._next_status = now + self._config.publish.status_period_s
             if self._watchdog is not None:
                 self._watchdog.tick(now)
-            received = signal.sigtimedwait(_HANDLED_SIGNALS, self._wait_s(time.monotonic()))
-            if received is None:
-                continue
-            if received.si_signo == signal.SIGHUP:
+            for number in self._signals.wait(self._wait_s(time.monotonic())):
+                if number != signal.SIGHUP:
+                    return self._stop(signal.Signals(number).name)
                 self._reload()
-            else:
-                return self._stop(signal.Signals(received.si_signo).name)
 
     def _wait_s(self, now: float) -> float:
         deadline = self._next_status
@@ -249,7 +284,8 @@ class _Service:
         timeout = self._config.pipeline.drain_timeout_s
         self._notify("STOPPING=1", "STATUS=draining (up to {:g} s)".format(timeout))
         log.info("%s: stopping, draining for up to %g s", signal_name, timeout)
-        drained = self._appliance.stop(timeout)
+        with _WatchdogKeepalive(self._notify, watchdog_interval_s()):
+            drained = self._appliance.stop(timeout)
         if not drained:
             log.error("drain timed out after %g s: frames still queued were not published", timeout)
             return EXIT_FAILED
@@ -268,6 +304,8 @@ class _Service:
 
 def serve(config_path: str) -> int:
     """Run the appliance until stopped; the return value is the process exit code."""
+    if not logging.getLogger().handlers:  # the caller may have configured logging already
+        configure_logging()
     faulthandler.enable()  # a watchdog SIGABRT then dumps every thread's stack to the journal
     notify = Notifier()
     try:
@@ -276,14 +314,13 @@ def serve(config_path: str) -> int:
         log.error("cannot load configuration: %s", exc)
         notify("STATUS=bad configuration: " + _first_line(exc))
         return EXIT_CONFIG
-    # Blocked before any thread exists so every thread inherits the mask and the
-    # signals wait for sigtimedwait() in this thread instead of interrupting others.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    # Before start(): a stop request during a long start is served once it is done.
+    signals = _Signals()
     appliance = Appliance(config, config_path)
     appliance.add_status_fields(jetson_stats.jetson_status)
     notify("STATUS=starting")
     try:
-        with _StartupKeepalive(notify, watchdog_interval_s()):
+        with _WatchdogKeepalive(notify, watchdog_interval_s()):
             appliance.start()
     except Exception as exc:
         log.error("startup failed: %s", exc)
@@ -291,7 +328,7 @@ def serve(config_path: str) -> int:
         return EXIT_CONFIG
     notify("READY=1")
     log.info("started with %s", config_path, extra={"CONFIG_PATH": config_path})
-    return _Service(config, config_path, appliance, notify).run()
+    return _Service(config, config_path, appliance, notify, signals).run()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -56,3 +56,8 @@ def appliance_env() -> Dict[str, str]:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def appliance_ports() -> Dict[str, int]:
+    return dict(APPLIANCE_PORTS)

@@ -118,6 +118,15 @@ class ApplianceProcess:
         channel.setTimeout(2.0)
         return channel.get("field()").toDict()
 
+    def wait_counts(self, timeout: float = 10.0, **minimum: int) -> Dict[str, Any]:
+        """Poll P:Status until each named counter reaches its minimum (the status has no event)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if all(status[name] >= value for name, value in minimum.items()) or time.monotonic() > deadline:
+                return status
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -124,8 +124,9 @@ def assign_output_roles(names: Tuple[str, ...], declared: Optional[Mapping[str, 
     """Map roles to output tensor names.
 
     The manifest's ``outputs`` wins. Without it a single output is the phase, and
-    several outputs are told apart by name ("phase", "amp"); anything else is
-    ambiguous and must be declared rather than guessed.
+    several outputs are told apart by name ("phase", "amp"; with the amplitude
+    named, the one other output is the phase); anything else is ambiguous and
+    must be declared rather than guessed.
     """
     if declared:
         unknown = [n for n in declared.values() if n not in names]
@@ -143,6 +144,9 @@ def assign_output_roles(names: Tuple[str, ...], declared: Optional[Mapping[str, 
             roles.setdefault(PHASE, name)
         elif "amp" in lowered:
             roles.setdefault(AMPLITUDE, name)
+    unassigned = [name for name in names if name not in roles.values()]
+    if PHASE not in roles and len(unassigned) == 1 and AMPLITUDE in roles:
+        roles[PHASE] = unassigned[0]
     if PHASE not in roles:
         raise EngineError(
             "{}: cannot tell which of the outputs {} is the phase; declare it in the manifest "

@@ -26,7 +26,7 @@ from appliance.engines.manifest import Manifest
 MIN_VERSION = (8, 5)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
-# TensorRT data type name -> numpy dtype, for the types an image model's I/O can have.
+# TensorRT DataType member name -> numpy dtype, for the types an image model's I/O can have.
 _DTYPES = {
     "FLOAT": np.float32,
     "HALF": np.float16,
@@ -190,16 +190,17 @@ class TensorRtEngine(Engine):
     def _tensor_spec(self, path: str, name: str) -> Tuple[TensorSpec, int]:
         engine = self._engine
         shape = tuple(int(d) for d in engine.get_tensor_shape(name))
-        dtype_name = str(engine.get_tensor_dtype(name)).split(".")[-1]
-        if dtype_name not in _DTYPES:
-            raise EngineError("{}: tensor {} has type {}; expected one of {}".format(path, name, dtype_name, sorted(_DTYPES)))
+        trt_dtype = engine.get_tensor_dtype(name)
+        dtypes = {getattr(self._trt.DataType, k): v for k, v in _DTYPES.items() if hasattr(self._trt.DataType, k)}
+        if trt_dtype not in dtypes:
+            raise EngineError("{}: tensor {} has type {}; expected one of {}".format(path, name, trt_dtype, sorted(_DTYPES)))
         if len(shape) < 3 or any(d <= 0 for d in shape[1:]):
             raise EngineError(
                 "{}: tensor {} has shape {}; expected (batch, [1,] H, W) where only the batch axis may be dynamic".format(
                     path, name, list(shape)
                 )
             )
-        return TensorSpec(name, shape[1:], np.dtype(_DTYPES[dtype_name])), shape[0]
+        return TensorSpec(name, shape[1:], np.dtype(dtypes[trt_dtype])), shape[0]
 
     def _batch_spec(self, path: str, name: str, batch_dim: int, dynamic_batch: int) -> BatchSpec:
         if batch_dim > 0:
@@ -225,23 +226,25 @@ class TensorRtEngine(Engine):
         return True
 
     def enqueue(self, input_ptr: int, output_ptrs: Mapping[str, int], batch: int, stream: int) -> None:
+        mark = self._logger.mark()
         state = self._contexts.get(stream) or self._open_context(stream)
         context = state.context
         if self._dynamic and state.batch != batch:
             if not context.set_input_shape(self._input_name, (batch,) + tuple(self.io.input.frame_shape)):
-                raise EngineError("{}: set_input_shape(batch {}) refused: {}".format(self.name, batch, self._last_log()))
+                raise EngineError("{}: set_input_shape(batch {}) refused: {}".format(self.name, batch, self._log(mark)))
             state.batch = batch
         addresses = [(self._input_name, input_ptr)]
         addresses += [(self._output_names[role], ptr) for role, ptr in output_ptrs.items()]
         addresses += [(name, buffer.ptr) for name, buffer in zip(self._extra_outputs, state.scratch)]
         for name, ptr in addresses:
-            if context.set_tensor_address(name, ptr) is False:
-                raise EngineError("{}: set_tensor_address({}) refused: {}".format(self.name, name, self._last_log()))
+            if not context.set_tensor_address(name, ptr):
+                raise EngineError("{}: set_tensor_address({}) refused: {}".format(self.name, name, self._log(mark)))
         if not context.execute_async_v3(stream):
-            raise EngineError("{}: execute_async_v3 failed: {}".format(self.name, self._last_log()))
+            raise EngineError("{}: execute_async_v3 failed: {}".format(self.name, self._log(mark)))
 
     def _open_context(self, stream: int) -> _Context:
         """A context for ``stream``; with a dynamic batch it takes a profile no other live context has."""
+        mark = self._logger.mark()
         with self._lock:
             profile = None
             if self._dynamic:
@@ -257,10 +260,10 @@ class TensorRtEngine(Engine):
             if context is None:
                 if profile is not None:
                     self._free_profiles.insert(0, profile)
-                raise EngineError("{}: cannot create an execution context: {}".format(self.name, self._last_log()))
+                raise EngineError("{}: cannot create an execution context: {}".format(self.name, self._log(mark)))
             if profile is not None and not context.set_optimization_profile_async(profile, stream):
                 self._free_profiles.insert(0, profile)
-                raise EngineError("{}: cannot select optimization profile {}: {}".format(self.name, profile, self._last_log()))
+                raise EngineError("{}: cannot select optimization profile {}: {}".format(self.name, profile, self._log(mark)))
             scratch = [cuda.DeviceBuffer(self.io.batch.size * nbytes) for nbytes in self._extra_outputs.values()]
             state = _Context(context, profile, scratch)
             self._contexts[stream] = state
@@ -275,15 +278,17 @@ class TensorRtEngine(Engine):
             if state.profile is not None:
                 self._free_profiles.insert(0, state.profile)
 
-    def _last_log(self) -> str:
-        return self._logger.errors_since(0) or "TensorRT logged no reason"
+    def _log(self, mark: int) -> str:
+        return self._logger.errors_since(mark) or "TensorRT logged no reason"
 
     def run(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
         """Synchronous inference for validation: its own stream, buffers and context, freed afterwards."""
         frames = np.ascontiguousarray(frames, dtype=self.io.input.dtype)
         spec = self.io.batch
-        frame_nbytes = frames[0].nbytes if len(frames) else 0
-        results: Dict[str, List[np.ndarray]] = {role: [] for role in self.io.outputs}
+        frame_nbytes = int(np.prod(self.io.input.frame_shape)) * frames.dtype.itemsize
+        results: Dict[str, List[np.ndarray]] = {
+            role: [np.empty((0,) + self.io.output_image_shape(role), s.dtype)] for role, s in self.io.outputs.items()
+        }
         stream = cuda.Stream()
         device_in = cuda.DeviceBuffer(spec.size * frame_nbytes)
         device_out = {
