@@ -70,6 +70,9 @@ class EngineConfig:
         metadata=check(lambda v: v in ("auto", "onnxruntime", "tensorrt"), "auto, onnxruntime or tensorrt"),
     )
     cpu_threads: int = field(default=0, metadata=check(lambda v: v >= 0, "0 (library default) or more"))
+    settle_s: float = field(default=1.0, metadata=check(lambda v: 0 <= v <= 600, "0..600 s"))
+    max_file_mb: int = field(default=2048, metadata=check(lambda v: v >= 1, ">= 1"))
+    fault_limit: int = field(default=3, metadata=check(lambda v: v >= 1, ">= 1"))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, run_padded
 from appliance.ring import Batch, FrameRing
 
 
@@ -50,20 +50,10 @@ class CpuSlot(InflightSlot):
 
     def launch(self, engine: Engine, batch: Batch) -> None:
         self.engine, self.batch = engine, batch
-        frames = batch.frames
         spec = engine.io.batch
-        if spec.fixed and batch.size != spec.size:
-            frames = self._pad(frames, spec.size)
-        results = engine.run(frames)
-        self._outputs = {role: values[: batch.size] for role, values in results.items()}
-
-    def _pad(self, frames: np.ndarray, size: int) -> np.ndarray:
-        shape = (size,) + frames.shape[1:]
-        if self._padded is None or self._padded.shape != shape or self._padded.dtype != frames.dtype:
-            self._padded = np.zeros(shape, dtype=frames.dtype)
-        self._padded[: frames.shape[0]] = frames
-        self._padded[frames.shape[0] :] = 0
-        return self._padded
+        if spec.fixed and self._padded is None:
+            self._padded = np.zeros((spec.size,) + batch.frames.shape[1:], dtype=batch.frames.dtype)
+        self._outputs = run_padded(engine, batch.frames, self._padded)
 
     def done(self) -> bool:
         return True

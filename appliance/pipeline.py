@@ -27,6 +27,7 @@ from appliance.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 ResultSink = Callable[[FrameMeta, Dict[str, np.ndarray]], None]
+FaultHandler = Callable[[Engine, str], None]
 
 _IDLE_TICK_S = 0.25  # the loop reports progress at least this often when idle
 HANG_HOOK_ENV = "PTYCHONN_EDGE_TEST_HANG_FILE"
@@ -40,8 +41,13 @@ class Pipeline:
         engine: Optional[Engine],
         sink: ResultSink,
         telemetry: Telemetry,
+        on_fault: Optional[FaultHandler] = None,
+        fault_limit: int = 3,
     ) -> None:
         self._config = config
+        self._on_fault = on_fault
+        self._fault_limit = fault_limit
+        self._faults_in_a_row = 0
         self._ring = ring
         self._sink = sink
         self._telemetry = telemetry
@@ -143,13 +149,13 @@ class Pipeline:
         return None
 
     def _launch(self, batch: Batch) -> None:
-        slot = next(s for s in self._slots if s not in self._inflight)
         engine = self._engine
         assert engine is not None
+        slot = next(s for s in self._slots if s not in self._inflight and s.engine in (None, engine))
         try:
             slot.launch(engine, batch)
         except Exception as exc:
-            self._fail_batch(batch, exc)
+            self._fail_batch(engine, batch, "{}: {}".format(type(exc).__name__, exc))
             return
         self._counters.batches += 1
         self._inflight.append(slot)
@@ -160,29 +166,50 @@ class Pipeline:
 
     def _complete(self, slot: InflightSlot, block: bool) -> None:
         batch = slot.batch
-        assert batch is not None
+        assert batch is not None and slot.engine is not None
         try:
             if block:
                 slot.wait()
             outputs = slot.outputs()
         except Exception as exc:
-            self._fail_batch(batch, exc)
+            self._fail_batch(slot.engine, batch, "{}: {}".format(type(exc).__name__, exc))
             return
+        finite = np.ones(batch.size, dtype=bool)
+        for images in outputs.values():
+            finite &= np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
         for index, meta in enumerate(batch.metas):
-            self._sink(meta, {role: images[index] for role, images in outputs.items()})
-            self._counters.published += 1
-            self._telemetry.latency.add(time.monotonic() - batch.arrivals[index])
+            if finite[index]:
+                self._sink(meta, {role: images[index] for role, images in outputs.items()})
+                self._counters.published += 1
+                self._telemetry.latency.add(time.monotonic() - batch.arrivals[index])
+        bad = batch.size - int(finite.sum())
+        if bad:
+            self._counters.drop("engine", bad)
+            self._note_fault(slot.engine, batch, "{} of {} outputs are NaN or Inf".format(bad, batch.size),
+                             counts=2 * bad > batch.size)
+        else:
+            self._faults_in_a_row = 0
         self._ring.release(batch)
         self._retire_unused_engines()
 
-    def _fail_batch(self, batch: Batch, exc: Exception) -> None:
-        message = "inference of {} frames (uniqueId {}..{}) failed: {}: {}".format(
-            batch.size, batch.metas[0].unique_id, batch.metas[-1].unique_id, type(exc).__name__, exc
+    def _fail_batch(self, engine: Engine, batch: Batch, error: str) -> None:
+        self._counters.drop("engine", batch.size)
+        self._note_fault(engine, batch, error, counts=True)
+        self._ring.release(batch)
+
+    def _note_fault(self, engine: Engine, batch: Batch, error: str, counts: bool) -> None:
+        """Log a bad batch; after fault_limit bad batches in a row, report the engine as failing."""
+        message = "inference of {} frames (uniqueId {}..{}) on {}: {}".format(
+            batch.size, batch.metas[0].unique_id, batch.metas[-1].unique_id, engine.name, error
         )
         log.error("%s", message)
         self._telemetry.note_error(message)
-        self._counters.drop("engine", batch.size)
-        self._ring.release(batch)
+        if not counts or engine is not self._engine:
+            return
+        self._faults_in_a_row += 1
+        if self._faults_in_a_row >= self._fault_limit and self._on_fault is not None:
+            self._faults_in_a_row = 0
+            self._on_fault(engine, "{} bad batches in a row, last: {}".format(self._fault_limit, error))
 
     def _drop_without_engine(self) -> None:
         """No engine yet: received frames are counted as dropped, not left to fill the ring."""
@@ -205,6 +232,7 @@ class Pipeline:
 
     def _install(self, engine: Engine) -> None:
         self._engine = engine
+        self._faults_in_a_row = 0
         self._slots = list(self._inflight) + make_slots(engine, self._ring, self._config.in_flight)
 
     def _retire_unused_engines(self) -> None:

@@ -8,15 +8,14 @@ Process lifecycle (signals, systemd) is :mod:`appliance.service`'s business.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 from appliance.config import Config, load_config
-from appliance.engines import is_engine_file, open_engine
-from appliance.engines.base import AMPLITUDE, PHASE, Engine, EngineError
+from appliance.engines.base import AMPLITUDE, PHASE, Engine
+from appliance.hotswap import EngineManager, StreamSpec, validate
 from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta
 from appliance.pipeline import Pipeline
@@ -45,6 +44,7 @@ class Appliance:
         self._status_thread: Optional[threading.Thread] = None
         self._result_listeners: List[Callable[[FrameMeta, Dict[str, np.ndarray]], None]] = []
         self._idle_ticks = 0
+        self._engines: Optional[EngineManager] = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -59,8 +59,26 @@ class Appliance:
             log.warning("%s", self._state)
         else:
             self._serve(engine)
+        if self._engines is not None:
+            self._engines.start()
         self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
         self._status_thread.start()
+
+    def _initial_engine(self) -> Optional[Engine]:
+        """The configured file (which must serve), else the newest good one in the engines directory."""
+        engine_config = self.config.engine
+        if engine_config.path:
+            return validate(engine_config.path, engine_config, self.config.pipeline.max_batch, None)
+        self._engines = EngineManager(engine_config, self.config.pipeline.max_batch, self._engine_accepted)
+        self.telemetry.add_provider(self._engines.status)
+        return self._engines.select_initial()
+
+    def _engine_accepted(self, engine: Engine) -> None:
+        """A new engine from the manager: start serving, or swap it in between batches."""
+        if self._pipeline is None:
+            self._serve(engine)
+        else:
+            self._pipeline.swap_engine(engine)
 
     def _serve(self, engine: Engine) -> None:
         """Build the frame path around ``engine``'s input and start receiving."""
@@ -70,7 +88,13 @@ class Appliance:
         )
         if AMPLITUDE in engine.io.outputs and self._server is not None:
             self._images[AMPLITUDE] = self._server.add_image(config.publish.prefix + ":Amplitude")
-        self._pipeline = Pipeline(config.pipeline, self._ring, engine, self._deliver, self.telemetry)
+        if self._engines is not None:
+            self._engines.stream = StreamSpec(self._ring.frame_shape, self._ring.dtype)
+        self._pipeline = Pipeline(
+            config.pipeline, self._ring, engine, self._deliver, self.telemetry,
+            on_fault=self._engines.report_fault if self._engines is not None else None,
+            fault_limit=config.engine.fault_limit,
+        )
         self._pipeline.start()
         self._ingest = Ingest(config, self._ring, self.telemetry)
         self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update)
@@ -81,6 +105,8 @@ class Appliance:
     def stop(self, timeout_s: float) -> bool:
         """Stop receiving, publish everything already received, release everything."""
         self._state = "stopping"
+        if self._engines is not None:
+            self._engines.stop()
         if self._source is not None:
             self._source.stop()
         drained = self._pipeline.stop(timeout_s) if self._pipeline is not None else True
@@ -109,15 +135,9 @@ class Appliance:
         self.rescan_engines()
 
     def rescan_engines(self) -> None:
-        """Serve the newest usable engine file if it is not the one serving."""
-        current = self._pipeline.engine if self._pipeline else None
-        engine = self._newest_engine(exclude=current.path if current else None, newer_than=current)
-        if engine is None:
-            return
-        if self._pipeline is None:
-            self._serve(engine)
-        else:
-            self._pipeline.swap_engine(engine)
+        """Look at the engines directory again (reload, or the P:Control command ``rescan``)."""
+        if self._engines is not None:
+            self._engines.rescan()
 
     # -- queries -------------------------------------------------------------------
     def progress(self) -> int:
@@ -158,73 +178,6 @@ class Appliance:
 
             return PinnedBuffer
         return HostBuffer
-
-    def _initial_engine(self) -> Optional[Engine]:
-        path = self.config.engine.path
-        if path:
-            return self._open(path)
-        return self._newest_engine(exclude=None, newer_than=None)
-
-    def _newest_engine(self, exclude: Optional[str], newer_than: Optional[Engine]) -> Optional[Engine]:
-        """The newest engine file in the engines directory that opens and fits the stream."""
-        directory = self.config.engine.directory
-        try:
-            names = os.listdir(directory)
-        except OSError as exc:
-            log.error("cannot list engines directory: %s", exc)
-            return None
-        candidates = []
-        for name in names:
-            path = os.path.join(directory, name)
-            if name.startswith(".") or not is_engine_file(name) or path == exclude:
-                continue
-            try:
-                candidates.append((os.stat(path).st_mtime, path))
-            except OSError:
-                continue
-        floor = os.stat(newer_than.path).st_mtime if newer_than and os.path.exists(newer_than.path) else None
-        for mtime, path in sorted(candidates, reverse=True):
-            if floor is not None and mtime <= floor:
-                return None
-            try:
-                return self._open(path)
-            except EngineError as exc:
-                log.error("engine rejected: %s", exc)
-        return None
-
-    def _open(self, path: str) -> Engine:
-        engine = open_engine(path, self.config.pipeline.max_batch, self.config.engine.cpu_threads)
-        try:
-            self._check_fits_stream(engine)
-            self._warm_up(engine)
-        except Exception:
-            engine.close()
-            raise
-        return engine
-
-    def _check_fits_stream(self, engine: Engine) -> None:
-        ring = self._ring
-        if ring is None:
-            return
-        if engine.io.image_shape != ring.frame_shape or np.dtype(engine.io.input.dtype) != ring.dtype:
-            raise EngineError(
-                "{}: takes {} {}x{} frames; the stream is set up for {} {}x{}".format(
-                    engine.path, np.dtype(engine.io.input.dtype).name, engine.io.image_shape[0],
-                    engine.io.image_shape[1], ring.dtype.name, ring.frame_shape[0], ring.frame_shape[1],
-                )
-            )
-
-    def _warm_up(self, engine: Engine) -> None:
-        """One inference before serving: the first run of a model is slow and may fail."""
-        batch = engine.io.batch.size if engine.io.batch.fixed else 1
-        frames = np.zeros((batch,) + engine.io.image_shape, dtype=engine.io.input.dtype)
-        try:
-            outputs = engine.run(frames)
-        except Exception as exc:
-            raise EngineError("{}: warm-up inference failed: {}: {}".format(engine.path, type(exc).__name__, exc)) from exc
-        for role in engine.io.outputs:
-            if role not in outputs or outputs[role].shape[0] != batch:
-                raise EngineError("{}: warm-up produced no {} output for {} frames".format(engine.path, role, batch))
 
     def _status_fields(self) -> Dict[str, object]:
         engine = self._pipeline.engine if self._pipeline is not None else None

@@ -98,7 +98,7 @@ def test_run_with_a_bad_engine_path_exits_2(tmp_path, appliance_env):
     config.write_text("engine: {path: nowhere.onnx}\npublish: {prefix: BADENGINE}\n")
     result = cli("run", "--config", str(config), env=appliance_env)
     assert result.returncode == 2
-    assert "nowhere.onnx: no such engine file" in result.stderr
+    assert "nowhere.onnx: cannot read: No such file or directory" in result.stderr
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00not a model" * 10)
     config.write_text("engine: {path: junk.onnx}\npublish: {prefix: BADENGINE}\n")

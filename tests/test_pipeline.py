@@ -137,7 +137,7 @@ def test_a_failing_batch_is_counted_and_the_next_one_runs(tmp_path):
     assert sink.wait_for(1) == [4]
     assert pipeline.stop(5)
     assert telemetry.counters.dropped["engine"] == 3
-    assert "inference of 3 frames (uniqueId 1..3) failed" in telemetry.recent_errors[-1]
+    assert "inference of 3 frames (uniqueId 1..3) on fragile.onnx: " in telemetry.recent_errors[-1]
     assert pipeline.failure() is None
 
 

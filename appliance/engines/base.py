@@ -11,7 +11,7 @@ import abc
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -153,3 +153,26 @@ def assign_output_roles(names: Tuple[str, ...], declared: Optional[Mapping[str, 
             "(outputs: {{phase: NAME}})".format(where, list(names))
         )
     return roles
+
+
+def run_padded(engine: Engine, frames: np.ndarray, padded: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Run ``frames`` through ``engine``, zero-padding to a fixed batch; outputs are trimmed to the frames.
+
+    ``padded`` is a reusable buffer of the fixed batch's shape (allocated here when None).
+    """
+    spec = engine.io.batch
+    count = frames.shape[0]
+    if not spec.fixed:
+        return engine.run(frames)
+    results: Dict[str, List[np.ndarray]] = {}
+    for start in range(0, count, spec.size):
+        chunk = frames[start : start + spec.size]
+        if chunk.shape[0] != spec.size:
+            if padded is None or padded.shape != (spec.size,) + chunk.shape[1:] or padded.dtype != chunk.dtype:
+                padded = np.zeros((spec.size,) + chunk.shape[1:], dtype=chunk.dtype)
+            padded[: chunk.shape[0]] = chunk
+            padded[chunk.shape[0] :] = 0
+            chunk = padded
+        for role, values in engine.run(chunk).items():
+            results.setdefault(role, []).append(values[: min(spec.size, count - start)])
+    return {role: parts[0] if len(parts) == 1 else np.concatenate(parts) for role, parts in results.items()}

@@ -1,0 +1,382 @@
+"""The engines directory: watch it, validate what lands there, serve the newest good file.
+
+Deployment is ``scp model.onnx host:/var/lib/ptychonn-edge/engines/``, possibly in
+the middle of a scan, so this stage must never disturb the stream: files are
+looked at only once written (closed, then quiet for ``engine.settle_s``),
+validated on this thread, and handed to the pipeline, which swaps between
+batches. A file that fails is remembered by content and not tried again until it
+changes; whatever the directory holds, the engine that serves keeps serving.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from appliance.config import EngineConfig
+from appliance.engines import is_engine_file, open_engine
+from appliance.engines.base import Engine, EngineError, run_padded
+from appliance.engines.manifest import load_golden, load_manifest, manifest_path
+
+log = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = (".part", ".tmp")
+_POLL_S = 1.0  # rescan period where inotify is not available
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the stream feeds an engine: fixed once the ring exists."""
+
+    image_shape: Tuple[int, int]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    sha256: str
+    accepted: bool
+    reason: str
+    at: float
+
+    def describe(self) -> str:
+        return "{} ({}): {}".format(self.name, self.sha256[:12], self.reason)
+
+
+def is_candidate(name: str) -> bool:
+    """Engine files, minus hidden and partial ones (renamed into place when complete)."""
+    return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES) and is_engine_file(name)
+
+
+def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream: Optional[StreamSpec]) -> Engine:
+    """Load ``path`` and prove it can serve this stream; raises EngineError saying why not."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise EngineError("{}: cannot read: {}".format(path, exc.strerror or exc)) from exc
+    if size == 0:
+        raise EngineError("{}: empty file".format(path))
+    limit = engine_config.max_file_mb * 1024 * 1024
+    if size > limit:
+        raise EngineError("{}: {} bytes, more than engine.max_file_mb ({} MiB)".format(path, size, engine_config.max_file_mb))
+    engine = open_engine(path, dynamic_batch, engine_config.cpu_threads)
+    try:
+        _check_fits_stream(engine, stream)
+        _warm_up(engine)
+        _check_golden(engine)
+    except Exception:
+        engine.close()
+        raise
+    return engine
+
+
+def _check_fits_stream(engine: Engine, stream: Optional[StreamSpec]) -> None:
+    if stream is None:
+        return
+    if engine.io.image_shape != stream.image_shape or np.dtype(engine.io.input.dtype) != stream.dtype:
+        raise EngineError(
+            "{}: takes {} {}x{} frames; the stream delivers {} {}x{} (a different input needs a restart)".format(
+                engine.path, np.dtype(engine.io.input.dtype).name, engine.io.image_shape[0], engine.io.image_shape[1],
+                stream.dtype.name, stream.image_shape[0], stream.image_shape[1],
+            )
+        )
+
+
+def _warm_up(engine: Engine) -> None:
+    """One inference before serving: a model's first run is slow, and may fail."""
+    frames = np.zeros((1,) + engine.io.image_shape, dtype=engine.io.input.dtype)
+    try:
+        outputs = run_padded(engine, frames)
+    except Exception as exc:
+        raise EngineError("{}: warm-up inference failed: {}: {}".format(engine.path, type(exc).__name__, exc)) from exc
+    for role in engine.io.outputs:
+        if role not in outputs or outputs[role].shape[0] != 1:
+            raise EngineError("{}: warm-up produced no {} output".format(engine.path, role))
+
+
+def _check_golden(engine: Engine) -> None:
+    manifest = load_manifest(engine.path)
+    if manifest is None or manifest.golden is None:
+        return
+    frames, expected = load_golden(engine.path, manifest.golden)
+    frames = frames.reshape((-1,) + engine.io.image_shape).astype(engine.io.input.dtype)
+    outputs = run_padded(engine, frames)
+    for role, want in expected.items():
+        if role not in outputs:
+            raise EngineError("{}: golden pair has {} but the model has no such output".format(engine.path, role))
+        got = outputs[role].reshape(want.shape)
+        close = np.isclose(got, want, rtol=manifest.golden.rtol, atol=manifest.golden.atol)
+        if not close.all():
+            worst = float(np.max(np.abs(got - want)))
+            raise EngineError(
+                "{}: golden check failed: {} of {} {} values outside atol {} / rtol {} (largest difference {:.3g})".format(
+                    engine.path, int((~close).sum()), close.size, role, manifest.golden.atol, manifest.golden.rtol, worst
+                )
+            )
+
+
+def content_key(path: str) -> str:
+    """sha256 of the file, combined with its sidecar manifest's: either changing makes a new candidate."""
+    digest = hashlib.sha256()
+    for part in (path, manifest_path(path)):
+        try:
+            with open(part, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            digest.update(b"\0absent")
+    return digest.hexdigest()
+
+
+class EngineManager:
+    """Owns the engines directory and decides which file serves.
+
+    ``serve(engine)`` is called (on this manager's thread) with each newly
+    accepted engine; the caller swaps it in between batches.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        dynamic_batch: int,
+        serve: Callable[[Engine], None],
+        history: int = 10,
+    ) -> None:
+        self._config = config
+        self._directory = config.directory
+        self._dynamic_batch = dynamic_batch
+        self._serve = serve
+        self.stream: Optional[StreamSpec] = None
+        self.active_path: Optional[str] = None
+        self._active_key: Optional[str] = None
+        self._rejected: Dict[str, str] = {}  # content key -> reason
+        self._last_event: Dict[str, float] = {}  # name -> monotonic time of its last change
+        self._writing: Dict[str, bool] = {}  # name -> modified but not yet closed
+        self.verdicts: Deque[Verdict] = collections.deque(maxlen=history)
+        self.swaps = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._faults: List[Tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._directory_error: Optional[str] = None
+        self._rescan_requested = False
+
+    # -- called from other threads ------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engines", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def rescan(self) -> None:
+        """Look at every file again (SIGHUP / systemctl reload), settled ones at once."""
+        with self._lock:
+            self._last_event.clear()
+            self._writing.clear()
+            self._rescan_requested = True
+        self._wake.set()
+
+    def report_fault(self, engine: Engine, reason: str) -> None:
+        """The pipeline found ``engine`` failing at run time: demote it, serve the previous one."""
+        with self._lock:
+            self._faults.append((engine.path, reason))
+        self._wake.set()
+
+    def select_initial(self) -> Optional[Engine]:
+        """The newest valid engine now, before the stream exists (start-up)."""
+        return self._select()
+
+    def status(self) -> Dict[str, object]:
+        return {
+            "engine_swaps": self.swaps,
+            "engine_directory_error": self._directory_error or "",
+            "engine_verdicts": [
+                {"file": v.name, "sha256": v.sha256, "accepted": v.accepted, "reason": v.reason} for v in self.verdicts
+            ],
+            "last_rejection": next((v.describe() for v in reversed(self.verdicts) if not v.accepted), ""),
+        }
+
+    # -- the manager thread ---------------------------------------------------------
+    def _run(self) -> None:
+        watcher = _Watcher(self._directory)
+        try:
+            while not self._stop.is_set():
+                for name, closed in watcher.events(self._timeout(), self._wake):
+                    self._note_event(name, closed)
+                self._wake.clear()
+                self._handle_faults()
+                if self._settled_now() or watcher.polling:
+                    self._reconcile()
+        except Exception:  # the service goes on with the engine it has
+            log.exception("engine manager stopped; the serving engine stays")
+        finally:
+            watcher.close()
+
+    def _timeout(self) -> float:
+        """Until the next file settles, or the polling period."""
+        with self._lock:
+            pending = [t + self._config.settle_s for t in self._last_event.values()]
+        if not pending:
+            return _POLL_S
+        return max(0.01, min(pending) - time.monotonic())
+
+    def _note_event(self, name: str, closed: bool) -> None:
+        if name.endswith(".yaml"):
+            name = name[: -len(".yaml")]  # a manifest change is a change of its engine
+        with self._lock:
+            self._last_event[name] = time.monotonic()
+            self._writing[name] = not closed
+
+    def _settled_now(self) -> bool:
+        """True when a changed file has been closed and quiet for settle_s, or a rescan was asked for."""
+        now = time.monotonic()
+        with self._lock:
+            ready = [n for n, t in self._last_event.items() if now - t >= self._config.settle_s and not self._writing.get(n)]
+            for name in ready:
+                del self._last_event[name]
+                self._writing.pop(name, None)
+            rescan, self._rescan_requested = self._rescan_requested, False
+        return bool(ready) or rescan
+
+    def _handle_faults(self) -> None:
+        with self._lock:
+            faults, self._faults = self._faults, []
+        for path, reason in faults:
+            if path != self.active_path or self._active_key is None:
+                continue
+            self._reject(path, self._active_key, "failed at run time: {}".format(reason))
+            self.active_path, self._active_key = None, None
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        engine = self._select()
+        if engine is not None:
+            self._serve(engine)
+            self.swaps += 1
+
+    def _select(self) -> Optional[Engine]:
+        """The newest file that validates, unless that is the one already serving."""
+        for path in self._candidates():
+            if path == self.active_path and self._unchanged(path):
+                return None
+            try:
+                key = content_key(path)
+            except OSError:
+                continue  # vanished since listing
+            if key in self._rejected:
+                continue
+            try:
+                engine = validate(path, self._config, self._dynamic_batch, self.stream)
+            except EngineError as exc:
+                self._reject(path, key, str(exc))
+                continue
+            self.active_path, self._active_key = path, key
+            self._verdict(path, key, True, "accepted: " + engine.describe())
+            return engine
+        if self.active_path and not os.path.exists(self.active_path):
+            log.warning("%s was removed and no other engine validates; it keeps serving from memory", self.active_path)
+        return None
+
+    def _unchanged(self, path: str) -> bool:
+        try:
+            return content_key(path) == self._active_key
+        except OSError:
+            return False
+
+    def _candidates(self) -> List[str]:
+        """Engine files, newest first, that are not being written."""
+        try:
+            names = os.listdir(self._directory)
+            self._directory_error = None
+        except OSError as exc:
+            message = "cannot list {}: {}".format(self._directory, exc.strerror or exc)
+            if message != self._directory_error:
+                log.error("%s; the serving engine stays", message)
+            self._directory_error = message
+            return []
+        with self._lock:
+            writing = {n for n, w in self._writing.items() if w} | set(self._last_event)
+        stamped = []
+        for name in names:
+            if not is_candidate(name) or name in writing:
+                continue
+            path = os.path.join(self._directory, name)
+            try:
+                stamped.append((os.stat(path).st_mtime_ns, path))
+            except OSError:
+                continue
+        return [path for _, path in sorted(stamped, reverse=True)]
+
+    def _reject(self, path: str, key: str, reason: str) -> None:
+        self._rejected[key] = reason
+        self._verdict(path, key, False, reason)
+
+    def _verdict(self, path: str, key: str, accepted: bool, reason: str) -> None:
+        verdict = Verdict(os.path.basename(path), key, accepted, reason, time.time())
+        self.verdicts.append(verdict)
+        fields = {"ENGINE_FILE": path, "ENGINE_SHA256": key, "ENGINE_VERDICT": "accepted" if accepted else "rejected"}
+        if accepted:
+            log.info("engine %s", reason, extra=fields)
+        else:
+            log.error("engine rejected: %s", reason, extra=fields)
+
+
+class _Watcher:
+    """inotify on the directory when available (Linux), else a periodic rescan."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._inotify = None
+        self.polling = True
+        try:
+            from inotify_simple import INotify, flags
+
+            self._flags = flags
+            self._inotify = INotify()
+            mask = flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE | flags.MODIFY | flags.CREATE
+            self._inotify.add_watch(directory, mask)
+            self.polling = False
+        except ImportError:
+            log.warning("inotify_simple not installed: rescanning %s every %.0f s", directory, _POLL_S)
+        except OSError as exc:
+            log.error("cannot watch %s (%s): rescanning every %.0f s", directory, exc.strerror or exc, _POLL_S)
+            self.close()
+
+    def events(self, timeout: float, wake: threading.Event) -> List[Tuple[str, bool]]:
+        """(name, closed) for each change; waits at most ``timeout`` (or until ``wake``)."""
+        if self._inotify is None:
+            wake.wait(timeout)
+            return []
+        changes = []
+        deadline = time.monotonic() + timeout
+        while not wake.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Short reads keep wake() responsive without a second file descriptor.
+            for event in self._inotify.read(timeout=int(min(remaining, 0.2) * 1000)):
+                if not event.name:
+                    continue
+                closed = not (event.mask & self._flags.MODIFY or event.mask & self._flags.CREATE)
+                changes.append((event.name, closed))
+            if changes:
+                break
+        return changes
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
