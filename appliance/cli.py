@@ -134,16 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands whose modules add their own arguments: (command, module with add_arguments/main).
-_EXTENSIONS: List[Any] = []
+_EXTENSIONS = [
+    ("build-engine", "appliance.engines.build"),
+]
 
 
 def _add_extension(commands: Any, name: str, module: str) -> None:
     import importlib
 
-    try:
-        loaded = importlib.import_module(module)
-    except ImportError:
-        return
+    loaded = importlib.import_module(module)
     sub = commands.add_parser(name, help=(loaded.__doc__ or "").strip().splitlines()[0])
     loaded.add_arguments(sub)
     handler: Callable[[argparse.Namespace], int] = loaded.main

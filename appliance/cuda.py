@@ -154,7 +154,8 @@ def _read_device_info(runtime: _Runtime) -> DeviceInfo:
     attr = rt.cudaDeviceAttr
 
     def attribute(name: str) -> int:
-        return int(_call("cudaDeviceGetAttribute({})".format(name), rt.cudaDeviceGetAttribute(getattr(attr, name), _DEVICE)))
+        result = rt.cudaDeviceGetAttribute(getattr(attr, name), _DEVICE)
+        return int(_call("cudaDeviceGetAttribute({})".format(name), result))
 
     props = _call("cudaGetDeviceProperties({})".format(_DEVICE), rt.cudaGetDeviceProperties(_DEVICE))
     name = props.name
@@ -162,7 +163,9 @@ def _read_device_info(runtime: _Runtime) -> DeviceInfo:
         name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
     return DeviceInfo(
         name=str(name).strip(),
-        compute_capability=(attribute("cudaDevAttrComputeCapabilityMajor"), attribute("cudaDevAttrComputeCapabilityMinor")),
+        compute_capability=(
+            attribute("cudaDevAttrComputeCapabilityMajor"), attribute("cudaDevAttrComputeCapabilityMinor")
+        ),
         integrated=bool(attribute("cudaDevAttrIntegrated")),
         can_map_host_memory=bool(attribute("cudaDevAttrCanMapHostMemory")),
     )

@@ -87,13 +87,16 @@ class CudaSlot(InflightSlot):
             self._allocate(engine)
         spec = engine.io.batch
         if batch.size > spec.size:
-            raise EngineError("{}: batch of {} exceeds the engine's {}".format(engine.name, batch.size, spec.describe()))
+            raise EngineError(
+                "{}: batch of {} exceeds the engine's {}".format(engine.name, batch.size, spec.describe())
+            )
         self.engine, self.batch, self._size = engine, batch, batch.size
         run_size = spec.size if spec.fixed else batch.size
         self._mark("start")
         input_ptr = self._stage_input(batch, run_size)
         self._mark("copied_in")
-        engine.enqueue(input_ptr, {role: out.device.ptr for role, out in self._outputs.items()}, run_size, self._stream.handle)
+        output_ptrs = {role: out.device.ptr for role, out in self._outputs.items()}
+        engine.enqueue(input_ptr, output_ptrs, run_size, self._stream.handle)
         self._mark("computed")
         for out in self._outputs.values():
             cuda.copy_device_to_host(out.host.host_ptr, out.device.ptr, batch.size * out.frame_nbytes, self._stream)

@@ -123,6 +123,18 @@ def _check_golden(engine: Engine) -> None:
             )
 
 
+def _stamp(path: str) -> Tuple[Tuple[int, int], ...]:
+    """(size, mtime) of a file and its manifest: cheap evidence that neither changed."""
+    stamps = []
+    for part in (path, manifest_path(path)):
+        try:
+            info = os.stat(part)
+            stamps.append((info.st_size, info.st_mtime_ns))
+        except FileNotFoundError:
+            stamps.append((-1, 0))
+    return tuple(stamps)
+
+
 def content_key(path: str) -> str:
     """sha256 of the file, combined with its sidecar manifest's: either changing makes a new candidate."""
     digest = hashlib.sha256()
@@ -148,7 +160,7 @@ class EngineManager:
         config: EngineConfig,
         dynamic_batch: int,
         serve: Callable[[Engine], None],
-        history: int = 10,
+        history: int = 20,
     ) -> None:
         self._config = config
         self._directory = config.directory
@@ -158,10 +170,12 @@ class EngineManager:
         self.active_path: Optional[str] = None
         self._active_key: Optional[str] = None
         self._rejected: Dict[str, str] = {}  # content key -> reason
+        self._keys: Dict[str, Tuple[Tuple[Tuple[int, int], ...], str]] = {}  # path -> (stamp, content key)
         self._last_event: Dict[str, float] = {}  # name -> monotonic time of its last change
         self._writing: Dict[str, bool] = {}  # name -> modified but not yet closed
         self.verdicts: Deque[Verdict] = collections.deque(maxlen=history)
         self.swaps = 0
+        self.rejections = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._faults: List[Tuple[str, str]] = []
@@ -202,6 +216,7 @@ class EngineManager:
     def status(self) -> Dict[str, object]:
         return {
             "engine_swaps": self.swaps,
+            "engine_rejections": self.rejections,
             "engine_directory_error": self._directory_error or "",
             "engine_verdicts": [
                 {"file": v.name, "sha256": v.sha256, "accepted": v.accepted, "reason": v.reason} for v in self.verdicts
@@ -273,7 +288,7 @@ class EngineManager:
             if path == self.active_path and self._unchanged(path):
                 return None
             try:
-                key = content_key(path)
+                key = self._key(path)
             except OSError:
                 continue  # vanished since listing
             if key in self._rejected:
@@ -292,9 +307,19 @@ class EngineManager:
 
     def _unchanged(self, path: str) -> bool:
         try:
-            return content_key(path) == self._active_key
+            return self._key(path) == self._active_key
         except OSError:
             return False
+
+    def _key(self, path: str) -> str:
+        """The content key, rehashed only when the file's or its manifest's size or mtime changed."""
+        stamp = _stamp(path)
+        cached = self._keys.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        key = content_key(path)
+        self._keys[path] = (stamp, key)
+        return key
 
     def _candidates(self) -> List[str]:
         """Engine files, newest first, that are not being written."""
@@ -309,6 +334,9 @@ class EngineManager:
             return []
         with self._lock:
             writing = {n for n, w in self._writing.items() if w} | set(self._last_event)
+        present = {os.path.join(self._directory, name) for name in names}
+        for gone in [p for p in self._keys if p not in present]:
+            del self._keys[gone]
         stamped = []
         for name in names:
             if not is_candidate(name) or name in writing:
@@ -322,6 +350,7 @@ class EngineManager:
 
     def _reject(self, path: str, key: str, reason: str) -> None:
         self._rejected[key] = reason
+        self.rejections += 1
         self._verdict(path, key, False, reason)
 
     def _verdict(self, path: str, key: str, accepted: bool, reason: str) -> None:

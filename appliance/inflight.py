@@ -39,6 +39,9 @@ class InflightSlot(abc.ABC):
     def outputs(self) -> Dict[str, np.ndarray]:
         """Role -> (batch.size, H, W) host arrays, valid until the next launch; padding excluded."""
 
+    def close(self) -> None:
+        """Release what the slot holds (streams, device and pinned buffers); it is not used again."""
+
 
 class CpuSlot(InflightSlot):
     """Runs synchronously; pads a short batch for fixed-batch models in a reused buffer."""

@@ -233,6 +233,9 @@ class Pipeline:
     def _install(self, engine: Engine) -> None:
         self._engine = engine
         self._faults_in_a_row = 0
+        for slot in self._slots:
+            if slot not in self._inflight:
+                slot.close()
         self._slots = list(self._inflight) + make_slots(engine, self._ring, self._config.in_flight)
 
     def _retire_unused_engines(self) -> None:
@@ -240,9 +243,16 @@ class Pipeline:
         for engine in [e for e in self._retiring if id(e) not in busy]:
             self._retiring.remove(engine)
             engine.close()
-        self._slots = [s for s in self._slots if s in self._inflight or s.engine in (None, self._engine)]
+        keep = [s for s in self._slots if s in self._inflight or s.engine in (None, self._engine)]
+        for slot in self._slots:
+            if slot not in keep:
+                slot.close()
+        self._slots = keep
 
     def _close_engines(self) -> None:
+        for slot in self._slots:
+            slot.close()
+        self._slots = []
         for engine in self._retiring + ([self._engine] if self._engine else []):
             engine.close()
         self._retiring = []

@@ -15,6 +15,7 @@ import numpy as np
 
 from appliance.config import Config, load_config
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
+from appliance.engines.tensorrt import choose_backend
 from appliance.hotswap import EngineManager, StreamSpec, validate
 from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta
@@ -45,6 +46,7 @@ class Appliance:
         self._result_listeners: List[Callable[[FrameMeta, Dict[str, np.ndarray]], None]] = []
         self._idle_ticks = 0
         self._engines: Optional[EngineManager] = None
+        self._backend_reason = ""
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -67,6 +69,8 @@ class Appliance:
     def _initial_engine(self) -> Optional[Engine]:
         """The configured file (which must serve), else the newest good one in the engines directory."""
         engine_config = self.config.engine
+        backend, self._backend_reason = choose_backend(engine_config.backend)
+        log.info("backend %s (%s)", backend, self._backend_reason)
         if engine_config.path:
             return validate(engine_config.path, engine_config, self.config.pipeline.max_batch, None)
         self._engines = EngineManager(engine_config, self.config.pipeline.max_batch, self._engine_accepted)
@@ -188,6 +192,7 @@ class Appliance:
             "engine_name": engine.name if engine else "",
             "engine_sha256": engine.sha256 if engine else "",
             "engine_backend": engine.backend if engine else "",
+            "backend_choice": self._backend_reason,
             "queue_depth": self.queue_depth(),
             "detector_pv": self.config.detector.pv,
             "detector_connected": self._source is not None and self._source.connected(),

@@ -5,10 +5,12 @@ systemd starts it, with its PVA server on this test run's appliance ports.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ class Received:
     timestamp: Dict[str, int]
     data_timestamp: Dict[str, int]
     attributes: Dict[str, Any]
+    arrived: float  # time.monotonic() in this process
 
 
 class Collector:
@@ -51,7 +54,7 @@ class Collector:
         dims = pv["dimension"]
         image = np.array(pv["value"][0][field]).reshape(dims[1]["size"], dims[0]["size"])
         attributes = {a["name"]: a["value"][0].get("value") for a in pv["attribute"]}
-        item = Received(pv["uniqueId"], image, pv["timeStamp"], pv["dataTimeStamp"], attributes)
+        item = Received(pv["uniqueId"], image, pv["timeStamp"], pv["dataTimeStamp"], attributes, time.monotonic())
         with self._changed:
             self.items.append(item)
             self._changed.notify_all()
@@ -90,9 +93,11 @@ class ApplianceProcess:
 
     def __init__(self, config_path: str, env: Dict[str, str], prefix: str) -> None:
         self.prefix = prefix
+        # A file, not a pipe: a full pipe nobody reads would block the appliance's logging.
+        self._log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "run", "--config", config_path],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True,
         )
         self.output = ""
 
@@ -127,6 +132,20 @@ class ApplianceProcess:
                 return status
             time.sleep(0.05)
 
+    def details(self) -> Dict[str, Any]:
+        """The full status snapshot (the JSON field of P:Status)."""
+        return json.loads(self.status()["json"])
+
+    def wait_verdict(self, file_name: str, timeout: float = 10.0) -> Dict[str, Any]:
+        """The engine manager's verdict on ``file_name``, once P:Status shows it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for verdict in self.details().get("engine_verdicts", []):
+                if verdict["file"] == file_name:
+                    return verdict
+            time.sleep(0.05)
+        raise AssertionError("no verdict on {} within {} s".format(file_name, timeout))
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -135,9 +154,10 @@ class ApplianceProcess:
 
     def finish(self, timeout: float = 30.0) -> str:
         try:
-            out, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            out, _ = self.process.communicate()
-        self.output += out or ""
+            self.process.wait()
+        self._log.seek(0)
+        self.output = self._log.read()
         return self.output

@@ -167,12 +167,13 @@ class TensorRtEngine(Engine):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         if len(inputs) != 1:
-            raise EngineError("{}: engine has {} inputs ({}); expected exactly one image input".format(path, len(inputs), inputs))
+            raise EngineError(
+                "{}: engine has {} inputs ({}); expected exactly one image input".format(path, len(inputs), inputs)
+            )
         input_spec, input_batch = self._tensor_spec(path, inputs[0])
         if np.dtype(input_spec.dtype) not in _INPUT_DTYPES:
-            raise EngineError(
-                "{}: input {} is {}; expected float32 or float16".format(path, input_spec.name, np.dtype(input_spec.dtype).name)
-            )
+            raise EngineError("{}: input {} is {}; expected float32 or float16".format(
+                path, input_spec.name, np.dtype(input_spec.dtype).name))
         batch = self._batch_spec(path, inputs[0], input_batch, dynamic_batch)
         roles = assign_output_roles(outputs, manifest.outputs if manifest else None, path)
         output_specs = {role: self._tensor_spec(path, name)[0] for role, name in roles.items()}
@@ -193,13 +194,11 @@ class TensorRtEngine(Engine):
         trt_dtype = engine.get_tensor_dtype(name)
         dtypes = {getattr(self._trt.DataType, k): v for k, v in _DTYPES.items() if hasattr(self._trt.DataType, k)}
         if trt_dtype not in dtypes:
-            raise EngineError("{}: tensor {} has type {}; expected one of {}".format(path, name, trt_dtype, sorted(_DTYPES)))
+            raise EngineError("{}: tensor {} has type {}; expected one of {}".format(
+                path, name, trt_dtype, sorted(_DTYPES)))
         if len(shape) < 3 or any(d <= 0 for d in shape[1:]):
-            raise EngineError(
-                "{}: tensor {} has shape {}; expected (batch, [1,] H, W) where only the batch axis may be dynamic".format(
-                    path, name, list(shape)
-                )
-            )
+            raise EngineError("{}: tensor {} has shape {}; expected (batch, [1,] H, W) where only the batch axis "
+                              "may be dynamic".format(path, name, list(shape)))
         return TensorSpec(name, shape[1:], np.dtype(dtypes[trt_dtype])), shape[0]
 
     def _batch_spec(self, path: str, name: str, batch_dim: int, dynamic_batch: int) -> BatchSpec:
@@ -250,10 +249,9 @@ class TensorRtEngine(Engine):
             if self._dynamic:
                 if not self._free_profiles:
                     raise EngineError(
-                        "{}: all {} optimization profiles are in use: a dynamic-batch engine needs one profile per "
-                        "in-flight slot (rebuild it with build-engine --profiles N, or lower pipeline.in_flight)".format(
-                            self.name, self._engine.num_optimization_profiles
-                        )
+                        "{}: all {} optimization profiles are in use: a dynamic-batch engine needs one profile "
+                        "per in-flight slot (rebuild it with build-engine --profiles N, or lower "
+                        "pipeline.in_flight)".format(self.name, self._engine.num_optimization_profiles)
                     )
                 profile = self._free_profiles.pop(0)
             context = self._engine.create_execution_context()
@@ -263,7 +261,8 @@ class TensorRtEngine(Engine):
                 raise EngineError("{}: cannot create an execution context: {}".format(self.name, self._log(mark)))
             if profile is not None and not context.set_optimization_profile_async(profile, stream):
                 self._free_profiles.insert(0, profile)
-                raise EngineError("{}: cannot select optimization profile {}: {}".format(self.name, profile, self._log(mark)))
+                raise EngineError("{}: cannot select optimization profile {}: {}".format(
+                    self.name, profile, self._log(mark)))
             scratch = [cuda.DeviceBuffer(self.io.batch.size * nbytes) for nbytes in self._extra_outputs.values()]
             state = _Context(context, profile, scratch)
             self._contexts[stream] = state

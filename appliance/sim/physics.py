@@ -38,7 +38,7 @@ class ProbeConfig:
     energy_kev: float = field(default=10.0, metadata=check(lambda v: 0.1 <= v <= 100, "0.1..100 keV"))
     pupil_fraction: float = field(default=0.5, metadata=check(lambda v: 0 < v <= 1, "0 < fraction <= 1"))
     central_stop: float = field(default=0.0, metadata=check(lambda v: 0 <= v < 1, "0 <= fraction < 1"))
-    defocus_m: float = field(default=60e-6, metadata=check(lambda v: abs(v) < 1, "|defocus| < 1 m"))
+    defocus_m: float = field(default=100e-6, metadata=check(lambda v: abs(v) < 1, "|defocus| < 1 m"))
 
 
 @dataclass(frozen=True)
