@@ -105,12 +105,25 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class MosaicConfig:
+    enabled: bool = True
+    pixel_size_m: Optional[float] = field(default=None, metadata=check(lambda v: v > 0, "> 0 (metres)"))
+    window: str = field(default="hann", metadata=check(lambda v: v in ("hann", "flat"), "hann or flat"))
+    publish_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
+    max_pixels: int = field(default=2048 * 2048, metadata=check(lambda v: 1024 <= v <= 2**28, "1024..268435456"))
+    extent_m: Optional[Tuple[float, float, float, float]] = field(
+        default=None, metadata=check(lambda v: v[0] < v[1] and v[2] < v[3], "[x_min, x_max, y_min, y_max] with min < max")
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    mosaic: MosaicConfig = field(default_factory=MosaicConfig)
 
 
 def load_config(path: str) -> Config:

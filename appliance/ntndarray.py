@@ -8,6 +8,7 @@ makes into the ring.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -145,6 +146,12 @@ def _position(attributes: Sequence[Mapping[str, Any]], names: Tuple[str, str]) -
     if names[0] in found and names[1] in found:
         return found[names[0]], found[names[1]]
     return None
+
+
+def now_stamp() -> TimeStamp:
+    """The current time as an EPICS timeStamp (POSIX seconds here; pvData uses the POSIX epoch)."""
+    seconds = time.time()
+    return int(seconds), int((seconds % 1.0) * 1e9), 0
 
 
 def dimensions(height: int, width: int) -> List[Dict[str, Any]]:

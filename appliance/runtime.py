@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -16,11 +17,13 @@ import numpy as np
 from appliance.config import Config, load_config
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.tensorrt import choose_backend
+from appliance.engines.manifest import load_manifest
 from appliance.hotswap import EngineManager, StreamSpec, validate
+from appliance.mosaic import Mosaic
 from appliance.ingest import Ingest
-from appliance.ntndarray import FrameMeta
+from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
-from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord
+from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, attributes
 from appliance.ring import FrameRing, HostBuffer
 from appliance.telemetry import Telemetry, status_line
 
@@ -47,6 +50,8 @@ class Appliance:
         self._idle_ticks = 0
         self._engines: Optional[EngineManager] = None
         self._backend_reason = ""
+        self.mosaic: Optional[Mosaic] = None
+        self._mosaic_record: Optional[ImageRecord] = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -56,6 +61,7 @@ class Appliance:
         prefix = self.config.publish.prefix
         self._status = self._server.add_status(prefix + ":Status")
         self._images[PHASE] = self._server.add_image(prefix + ":Phase")
+        self._server.add_command(prefix + ":Control", self.command)
         if engine is None:
             self._state = "waiting for an engine in {}".format(self.config.engine.directory)
             log.warning("%s", self._state)
@@ -92,6 +98,7 @@ class Appliance:
         )
         if AMPLITUDE in engine.io.outputs and self._server is not None:
             self._images[AMPLITUDE] = self._server.add_image(config.publish.prefix + ":Amplitude")
+        self._start_mosaic(engine)
         if self._engines is not None:
             self._engines.stream = StreamSpec(self._ring.frame_shape, self._ring.dtype)
         self._pipeline = Pipeline(
@@ -105,6 +112,31 @@ class Appliance:
         self._source.start()
         self._state = "serving"
         log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
+
+    def _start_mosaic(self, engine: Engine) -> None:
+        settings = self.config.mosaic
+        if not settings.enabled or self._server is None:
+            return
+        manifest = load_manifest(engine.path)
+        pixel_size = settings.pixel_size_m or (manifest.pixel_size_m if manifest else None)
+        if pixel_size is None:
+            log.warning("no mosaic: neither mosaic.pixel_size_m nor the engine manifest gives the pixel size")
+            return
+        self.mosaic = Mosaic(pixel_size, engine.io.output_image_shape(PHASE), settings.window, settings.max_pixels,
+                             settings.extent_m)
+        self._mosaic_record = self._server.add_image(self.config.publish.prefix + ":Mosaic")
+        self.add_result_listener(lambda meta, images: self.mosaic.add(images[PHASE], meta.position, meta.unique_id))
+
+    def command(self, text: str) -> str:
+        """P:Control: ``reset`` starts a new mosaic, ``rescan`` looks at the engines directory again."""
+        if text == "reset":
+            if self.mosaic is not None:
+                self.mosaic.reset()
+            return "mosaic reset"
+        if text == "rescan":
+            self.rescan_engines()
+            return "rescanning engines"
+        raise ValueError("unknown command {!r}; expected reset or rescan".format(text))
 
     def stop(self, timeout_s: float) -> bool:
         """Stop receiving, publish everything already received, release everything."""
@@ -120,6 +152,7 @@ class Appliance:
         if self._status_thread is not None:
             self._status_thread.join()
         self._publish_status()
+        self._publish_mosaic()
         if self._server is not None:
             self._server.close()
         if self._ring is not None and drained:
@@ -194,13 +227,34 @@ class Appliance:
             "engine_backend": engine.backend if engine else "",
             "backend_choice": self._backend_reason,
             "queue_depth": self.queue_depth(),
+            "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,
             "detector_connected": self._source is not None and self._source.connected(),
         }
 
     def _status_loop(self) -> None:
-        while not self._stop_status.wait(self.config.publish.status_period_s):
-            self._publish_status()
+        """P:Status and P:Mosaic, each at its own period, off the pipeline thread."""
+        periods = {self._publish_status: self.config.publish.status_period_s,
+                   self._publish_mosaic: self.config.mosaic.publish_period_s}
+        due = {task: time.monotonic() + period for task, period in periods.items()}
+        while not self._stop_status.wait(max(0.0, min(due.values()) - time.monotonic())):
+            for task, when in list(due.items()):
+                if time.monotonic() >= when:
+                    task()
+                    due[task] = when + periods[task]
+
+    def _publish_mosaic(self) -> None:
+        if self.mosaic is None or self._mosaic_record is None:
+            return
+        picture = self.mosaic.snapshot()
+        if not picture.phase.size:
+            return
+        stamp = now_stamp()
+        self._mosaic_record.publish(
+            picture.phase, self.mosaic.counts["stitched"], stamp, stamp,
+            attributes({"OriginX": picture.origin_m[0], "OriginY": picture.origin_m[1],
+                        "PixelSize": picture.pixel_size_m}),
+        )
 
     def _publish_status(self) -> None:
         snapshot = self.telemetry.snapshot()

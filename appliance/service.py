@@ -42,6 +42,7 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Upper bound on one wait, so a dead pipeline thread is noticed within a second
 # even when the status period and the watchdog interval are long.
 _MAX_WAIT_S = 1.0
+_log_handler: Optional[logging.Handler] = None  # the one configure_logging() installed
 
 
 def _under_systemd() -> bool:
@@ -55,17 +56,17 @@ def configure_logging(level: int = logging.INFO) -> None:
     journald adds its own timestamps and keeps extra fields (``extra={"FRAME_ID": 3}``)
     searchable with ``journalctl FRAME_ID=3``; stderr output must carry its own time.
     """
+    global _log_handler
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_ptychonn_edge", False):
-            root.removeHandler(handler)
+    if _log_handler is not None:
+        root.removeHandler(_log_handler)
     handler = _journal_handler() if _under_systemd() else None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(message)s"))
-    handler._ptychonn_edge = True  # type: ignore[attr-defined]
+    _log_handler = handler
     root.addHandler(handler)
     root.setLevel(level)
 

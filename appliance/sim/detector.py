@@ -12,14 +12,10 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
+from appliance.ntndarray import now_stamp
 from appliance.pva import Server, attributes
 
 Position = Optional[Tuple[float, float]]
-
-
-def now_stamp() -> Tuple[int, int, int]:
-    seconds = time.time()
-    return int(seconds), int((seconds % 1.0) * 1e9), 0
 
 
 class DetectorServer:
