@@ -170,6 +170,8 @@ _STATUS_NUMBERS = (
     ("upstream_overruns", "LONG"),
     ("acquisitions", "LONG"),
     ("queue_depth", "LONG"),
+    ("engine_swaps", "LONG"),
+    ("engine_rejections", "LONG"),
     ("rate_in_hz", "DOUBLE"),
     ("rate_out_hz", "DOUBLE"),
     ("latency_p50_ms", "DOUBLE"),
@@ -178,7 +180,7 @@ _STATUS_NUMBERS = (
     ("uptime_s", "DOUBLE"),
 )
 _STATUS_FLAGS = ("detector_connected",)
-_STATUS_STRINGS = ("state", "engine_name", "engine_sha256", "engine_backend", "summary", "json")
+_STATUS_STRINGS = ("state", "engine_name", "engine_sha256", "engine_backend", "last_rejection", "summary", "json")
 
 
 def flatten_status(snapshot: Mapping[str, Any]) -> Dict[str, Any]:

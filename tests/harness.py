@@ -13,63 +13,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import numpy as np
 import pvaccess
 import yaml
 
-
-@dataclass
-class Received:
-    unique_id: int
-    image: np.ndarray
-    timestamp: Dict[str, int]
-    data_timestamp: Dict[str, int]
-    attributes: Dict[str, Any]
-    arrived: float  # time.monotonic() in this process
-
-
-class Collector:
-    """Monitors an NTNDArray PV and keeps a copy of every update."""
-
-    def __init__(self, pv_name: str, queue_size: int = 10000) -> None:
-        self.items: List[Received] = []
-        self.updates = 0
-        self._changed = threading.Condition()
-        self._channel = pvaccess.Channel(pv_name)
-        self._channel.monitor(self._on_update, "record[queueSize={}]field()".format(queue_size))
-        with self._changed:  # every monitor starts with the record's current value: connected
-            if not self._changed.wait_for(lambda: self.updates > 0, 10.0):
-                raise AssertionError("no connection to {}".format(pv_name))
-
-    def _on_update(self, pv: Any) -> None:
-        with self._changed:
-            self.updates += 1
-            self._changed.notify_all()
-        field = pv.getSelectedUnionFieldName("value")
-        if not field:
-            return
-        dims = pv["dimension"]
-        image = np.array(pv["value"][0][field]).reshape(dims[1]["size"], dims[0]["size"])
-        attributes = {a["name"]: a["value"][0].get("value") for a in pv["attribute"]}
-        item = Received(pv["uniqueId"], image, pv["timeStamp"], pv["dataTimeStamp"], attributes, time.monotonic())
-        with self._changed:
-            self.items.append(item)
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float) -> List[Received]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
-            return list(self.items)
-
-    def ids(self) -> List[int]:
-        with self._changed:
-            return [item.unique_id for item in self.items]
-
-    def close(self) -> None:
-        self._channel.stopMonitor()
+from appliance.sim.viewer import Received, Viewer as Collector  # noqa: F401  (the tests' name for it)
 
 
 def write_config(path: str, detector_pv: str, prefix: str, engine_path: Optional[str] = None,

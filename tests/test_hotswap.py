@@ -67,13 +67,13 @@ def write_slowly(path: str, data: bytes, chunks: int, pause_s: float) -> float:
             handle.write(data[start : start + step])
             handle.flush()
             time.sleep(pause_s)
-    return time.monotonic()
+    return time.time()
 
 
 def install(path: str, data: bytes) -> float:
     with open(path, "wb") as handle:
         handle.write(data)
-    return time.monotonic()
+    return time.time()
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_a_sequence_of_good_and_bad_files_swaps_without_losing_a_frame(setup):
     time.sleep(1.5)  # longer than the settle time: a .part file must still be left alone
     assert "fast.onnx.part" not in [v["file"] for v in app.details()["engine_verdicts"]]
     os.rename(engines / "fast.onnx.part", engines / "fast.onnx")
-    activations.append((5.0, time.monotonic()))
+    activations.append((5.0, time.time()))
     assert app.wait_verdict("fast.onnx")["accepted"]
 
     np.save(engines / "golden_out7.npy", 7.0 * golden_in)
@@ -151,7 +151,7 @@ def test_a_sequence_of_good_and_bad_files_swaps_without_losing_a_frame(setup):
     deploy_good("seven.onnx", model_bytes(models, "7.onnx", scale=7.0), 7.0)
 
     os.remove(engines / "seven.onnx")  # the active file: the next newest valid one serves again
-    activations.append((5.0, time.monotonic()))
+    activations.append((5.0, time.time()))
     deadline = time.monotonic() + 10
     while app.details()["engine_name"] != "fast.onnx" and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -3,8 +3,8 @@
 ``ptychonn-edge run`` is started exactly as the unit starts it, with NOTIFY_SOCKET
 and WATCHDOG_USEC pointing at a datagram socket this test reads, so READY,
 STATUS, WATCHDOG, RELOADING and STOPPING are checked as systemd would see them.
-Needs systemd-python (it is what sends the notifications); the tests under a real
-systemd are in tests/systemd/.
+Those need systemd-python (it is what sends the notifications); the tests under a
+real systemd are in tests/systemd/.
 """
 from __future__ import annotations
 
@@ -28,7 +28,13 @@ from appliance.sim.detector import DetectorServer
 from harness import Collector, write_config
 from onnx_models import affine_model
 
-pytest.importorskip("systemd.daemon", reason="systemd-python is not installed (pip install systemd-python)")
+try:
+    import systemd.daemon  # noqa: F401  (what sends the notifications)
+
+    _NO_SYSTEMD_PYTHON = None
+except ImportError:
+    _NO_SYSTEMD_PYTHON = "systemd-python is not installed (pip install systemd-python)"
+needs_systemd_python = pytest.mark.skipif(_NO_SYSTEMD_PYTHON is not None, reason=_NO_SYSTEMD_PYTHON or "")
 
 _names = itertools.count()
 Message = Tuple[float, Dict[str, str]]
@@ -145,6 +151,7 @@ def _finish(process: subprocess.Popen, timeout: float = 30.0) -> Tuple[int, str]
     return process.returncode, out
 
 
+@needs_systemd_python
 def test_ready_status_reload_and_draining_stop(setup):
     notify: NotifySocket = setup["notify"]
     process = _start(setup)
@@ -180,6 +187,7 @@ def test_ready_status_reload_and_draining_stop(setup):
     assert "reloaded" in output
 
 
+@needs_systemd_python
 def test_a_stuck_pipeline_starves_the_watchdog_while_status_goes_on(setup):
     notify: NotifySocket = setup["notify"]
     process = _start(setup)
@@ -211,6 +219,7 @@ def test_a_stuck_pipeline_starves_the_watchdog_while_status_goes_on(setup):
     assert "withholding the watchdog ping" in output
 
 
+@needs_systemd_python
 def test_bad_config_exits_2_naming_the_key_without_starting(setup, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("pipeline:\n  max_batch: 0\n")

@@ -56,10 +56,10 @@ def test_every_frame_is_published_once_in_order_with_its_metadata(tmp_path, name
         assert item.image.dtype == np.float32
         np.testing.assert_allclose(item.image, expected[index], rtol=1e-5, atol=1e-5)
         stamp = sent[item.unique_id]
-        assert (item.timestamp["secondsPastEpoch"], item.timestamp["nanoseconds"]) == stamp[:2]
-        assert (item.data_timestamp["secondsPastEpoch"], item.data_timestamp["nanoseconds"]) == stamp[:2]
-        assert item.attributes["SampleX"] == pytest.approx(index * 1e-7)
-        assert item.attributes["SampleY"] == pytest.approx(-index * 2e-7)
+        assert item.meta.timestamp[:2] == stamp[:2]
+        assert item.meta.data_timestamp[:2] == stamp[:2]
+        assert item.attribute("SampleX") == pytest.approx(index * 1e-7)
+        assert item.attribute("SampleY") == pytest.approx(-index * 2e-7)
     assert status["received"] == 300 and status["published"] == 300
     assert status["dropped_total"] == 0 and status["missing_upstream"] == 0
     assert status["engine_name"] == "conv.onnx" and len(status["engine_sha256"]) == 64

@@ -1,0 +1,379 @@
+"""The scenario run inside the systemd-nspawn container (as root, system python3, stdlib only).
+
+Booted straight into by tests/systemd/test_under_systemd.py. It installs the
+appliance with scripts/install.sh exactly as on a device, then drives the real
+unit with systemctl and records what systemd and the journal say into
+``results.json``; the host-side tests assert on that file. Every step records
+its own failure and the run goes on where later steps still make sense.
+
+Waiting here polls systemctl: systemd's state is only observable from outside by
+asking, and every wait is bounded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+PARAMS = "/srv/test/params.json"
+UNIT = "ptychonn-edge.service"
+VENV = "/opt/ptychonn-edge/venv"
+CONFIG_DIR = "/etc/ptychonn-edge"
+STATE = "/var/lib/ptychonn-edge"
+ENGINES = STATE + "/engines"
+HANG_FILE = STATE + "/hang"
+DROPIN_DIR = "/etc/systemd/system/{}.d".format(UNIT)
+POLL_S = 0.2
+
+params: Dict[str, Any] = {}
+results: Dict[str, Any] = {}
+
+
+def sh(*args: str, timeout: float = 120) -> Dict[str, Any]:
+    done = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                          timeout=timeout)
+    return {"rc": done.returncode, "output": done.stdout}
+
+
+def show(unit: str = UNIT) -> Dict[str, str]:
+    props = "ActiveState,SubState,Result,NRestarts,MainPID,StatusText,ExecMainStatus,ExecMainCode"
+    out = sh("systemctl", "show", "-p", props, unit)["output"]
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after {} s waiting for {}; unit: {}".format(timeout, what, show()))
+        time.sleep(POLL_S)
+
+
+def flowing(status: str) -> bool:
+    match = re.search(r"in (\d+) Hz, out (\d+) Hz", status)
+    return bool(match and int(match.group(1)) > 0 and int(match.group(2)) > 0)
+
+
+def unit_when(predicate: Callable[[Dict[str, str]], bool]) -> Callable[[], Optional[Dict[str, str]]]:
+    """For wait_until: the unit's properties once ``predicate`` holds for them."""
+    def check() -> Optional[Dict[str, str]]:
+        state = show()
+        return state if predicate(state) else None
+
+    return check
+
+
+flowing_now = unit_when(lambda state: state["ActiveState"] == "active" and flowing(state["StatusText"]))
+
+
+def journal(unit: str = UNIT) -> str:
+    return sh("journalctl", "--no-pager", "-o", "cat", "-u", unit)["output"]
+
+
+def phase_ids() -> List[int]:
+    try:
+        with open(params["results"] + "/phase-ids") as handle:
+            # uniqueId 0: the empty record a monitor sees when it (re)connects before any frame
+            return [int(line) for line in handle if line.strip() and int(line) != 0]
+    except OSError:
+        return []
+
+
+def write(path: str, text: str, mode: int = 0o644) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
+    os.chmod(path, mode)
+
+
+def acl_entries(path: str, kind: str) -> List[List[Any]]:
+    """[tag, id, permission bits] of a POSIX ACL, decoded from its xattr (no getfacl in the container)."""
+    tags = {1: "user_obj", 2: "user", 4: "group_obj", 8: "group", 16: "mask", 32: "other"}
+    try:
+        raw = os.getxattr(path, "system.posix_acl_" + kind)
+    except OSError:
+        return []
+    entries = []
+    for offset in range(4, len(raw), 8):  # a 4-byte version header, then 8-byte entries
+        tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
+        entries.append([tags.get(tag, tag), ident, perm])
+    return entries
+
+
+def deploy(model: str) -> None:
+    """As scripts/deploy-engine.sh does: a dotted temporary name, then an atomic rename."""
+    name = os.path.basename(model)
+    temporary = os.path.join(ENGINES, "." + name + ".part")
+    shutil.copyfile(model, temporary)
+    os.chmod(temporary, 0o644)
+    os.rename(temporary, os.path.join(ENGINES, name))
+
+
+def step(name: str) -> Callable[[Callable[[], Dict[str, Any]]], Callable[[], bool]]:
+    def wrap(body: Callable[[], Dict[str, Any]]) -> Callable[[], bool]:
+        def run() -> bool:
+            started = time.monotonic()
+            try:
+                record = body()
+                ok = True
+            except Exception:
+                record = {"error": traceback.format_exc()}
+                ok = False
+            record["seconds"] = round(time.monotonic() - started, 2)
+            results[name] = record
+            save()
+            return ok
+
+        return run
+
+    return wrap
+
+
+def save() -> None:
+    with open(params["results"] + "/results.json", "w") as handle:
+        json.dump(results, handle, indent=1, sort_keys=True)
+
+
+# -- steps -------------------------------------------------------------------------------
+@step("install")
+def install() -> Dict[str, Any]:
+    """The venv the install script finds already there sees the host venv's packages, so pip needs no index."""
+    sh("python3", "-m", "venv", "--system-site-packages", VENV)
+    site = sh(VENV + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")["output"].strip()
+    write(site + "/ptychonn-test-deps.pth", "import site; site.addsitedir({!r})\n".format(params["site_packages"]))
+    write(CONFIG_DIR + "/config.yaml", params["config"])
+    env = dict(params["env"]["appliance"], PTYCHONN_EDGE_TEST_HANG_FILE=HANG_FILE)
+    write(CONFIG_DIR + "/environment", "".join("{}={}\n".format(k, v) for k, v in sorted(env.items())))
+    write(DROPIN_DIR + "/60-test.conf", "[Service]\nWatchdogSec=4s\nRestartSec=1s\n")
+    script = params["checkout"] + "/scripts/install.sh"
+    args = ["bash", script, "--no-apt", "--no-start", "--pip-args", "--no-index --no-build-isolation"]
+    first = sh(*args, timeout=300)
+    if first["rc"] != 0:
+        raise AssertionError("install.sh failed:\n" + first["output"])
+    second = sh(*args, timeout=300)
+    engines = os.stat(ENGINES)
+    return {
+        "verify": sh("systemd-analyze", "verify", UNIT, "ptychonn-edge@test.service"),
+        "security": sh("systemd-analyze", "security", "--no-pager", UNIT, "ptychonn-edge@test.service"),
+        "first": first,
+        "second": second,
+        "enabled": sh("systemctl", "is-enabled", UNIT)["output"].strip(),
+        "id": sh("id", "ptychonn-edge")["output"].strip(),
+        "deploy_group": sh("getent", "group", "ptychonn-deploy")["output"].strip(),
+        "engines_mode": oct(engines.st_mode & 0o7777),
+        "engines_owner": [sh("id", "-nu", str(engines.st_uid))["output"].strip(),
+                          sh("getent", "group", str(engines.st_gid))["output"].split(":")[0]],
+        "engines_acl": {kind: acl_entries(ENGINES, kind) for kind in ("access", "default")},
+        "config_kept": open(CONFIG_DIR + "/config.yaml").read() == params["config"],
+    }
+
+
+@step("peers")
+def peers() -> Dict[str, Any]:
+    write("/srv/test-env/detector.env", "".join("{}={}\n".format(k, v) for k, v in params["env"]["detector"].items()))
+    write("/srv/test-env/collector.env", "".join("{}={}\n".format(k, v) for k, v in params["env"]["collector"].items()))
+    python, script = VENV + "/bin/python", params["checkout"] + "/tests/systemd/peers.py"
+    detector = sh("systemd-run", "--unit=test-detector", "-p", "EnvironmentFile=/srv/test-env/detector.env",
+                  python, script, "detector", params["detector_pv"], "50", params["results"] + "/detector-last-id")
+    return {"detector": detector}
+
+
+SSHD_CONFIG = """ListenAddress 127.0.0.1
+Port {port}
+HostKey /etc/ssh/ssh_host_ed25519_key
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PidFile none
+"""
+
+
+@step("deploy")
+def deploy_first() -> Dict[str, Any]:
+    """The first engine goes in with scripts/deploy-engine.sh over ssh, as a member of ptychonn-deploy."""
+    if not os.path.exists("/usr/sbin/sshd"):
+        deploy(params["models"]["first"])
+        return {"skipped": "no /usr/sbin/sshd (apt-get install openssh-server)"}
+    sh("useradd", "--create-home", "--groups", "ptychonn-deploy", "--shell", "/bin/bash", "deployer")
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/root/.ssh/id_ed25519")
+    os.makedirs("/etc/ssh", exist_ok=True)
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/etc/ssh/ssh_host_ed25519_key")
+    write("/home/deployer/.ssh/authorized_keys", open("/root/.ssh/id_ed25519.pub").read(), 0o600)
+    sh("chown", "-R", "deployer:deployer", "/home/deployer/.ssh")
+    os.chmod("/home/deployer/.ssh", 0o700)
+    write("/srv/test-env/sshd_config", SSHD_CONFIG.format(port=params["ssh_port"]))
+    os.makedirs("/run/sshd", exist_ok=True)
+    sshd = sh("systemd-run", "--unit=test-sshd", "/usr/sbin/sshd", "-D", "-e", "-f", "/srv/test-env/sshd_config")
+    options = "-o Port={} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null".format(
+        params["ssh_port"])
+    env = dict(os.environ, SSH_OPTIONS=options)
+    script = [params["checkout"] + "/scripts/deploy-engine.sh", "deployer@127.0.0.1", params["models"]["first"]]
+    wait_until(lambda: sh("ssh", *options.split(), "deployer@127.0.0.1", "true")["rc"] == 0, 10, "sshd")
+    done = subprocess.run(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                          env=env, timeout=60)
+    target = os.path.join(ENGINES, os.path.basename(params["models"]["first"]))
+    info = os.stat(target)
+    return {
+        "sshd": sshd, "rc": done.returncode, "output": done.stdout,
+        "mode": oct(info.st_mode & 0o777),
+        "owner": [sh("id", "-nu", str(info.st_uid))["output"].strip(),
+                  sh("getent", "group", str(info.st_gid))["output"].split(":")[0]],
+        "engines_listing": sorted(os.listdir(ENGINES)),
+        "same_content": open(target, "rb").read() == open(params["models"]["first"], "rb").read(),
+    }
+
+
+def start_collector() -> Dict[str, Any]:
+    python, script = VENV + "/bin/python", params["checkout"] + "/tests/systemd/peers.py"
+    return sh("systemd-run", "--unit=test-collector", "-p", "EnvironmentFile=/srv/test-env/collector.env",
+              python, script, "collect", params["prefix"] + ":Phase", params["results"] + "/phase-ids")
+
+
+@step("start")
+def start() -> Dict[str, Any]:
+    began = time.monotonic()
+    started = sh("systemctl", "start", UNIT)
+    after_start = show()
+    record = {"start": started, "after_start": after_start, "start_seconds": round(time.monotonic() - began, 2)}
+    record["collector"] = start_collector()
+    record["flowing"] = wait_until(flowing_now, 30, "frames flowing")
+    record["phase_ids"] = len(wait_until(lambda: phase_ids(), 15, "phase images on P:Phase"))
+    entries = [json.loads(line) for line in sh("journalctl", "-u", UNIT, "-o", "json")["output"].splitlines()
+               if line.startswith("{")]
+    started_entries = [e for e in entries if str(e.get("MESSAGE", "")).startswith("started with")]
+    record["journal_started_entry"] = started_entries[-1] if started_entries else None
+    return record
+
+
+@step("sandbox")
+def sandbox() -> Dict[str, Any]:
+    pid = show()["MainPID"]
+    with open("/proc/{}/status".format(pid)) as handle:
+        status = dict(line.split(":", 1) for line in handle if ":" in line)
+    probe_unit = "/etc/systemd/system/ptychonn-probe.service"
+    text = sh("systemctl", "cat", UNIT)["output"]
+    keep = [line for line in text.splitlines() if not line.startswith(("#", "ExecStart=", "ExecReload=", "Type=",
+                                                                        "Watchdog", "Restart", "NotifyAccess="))]
+    keep.insert(keep.index("[Service]") + 1, "Type=oneshot\nExecStart=/usr/bin/python3 /srv/test/probe.py {}".format(
+        "/home/alice/secret.txt"))
+    write("/home/alice/secret.txt", "not for the appliance")
+    write(probe_unit, "\n".join(keep) + "\n")
+    sh("systemctl", "daemon-reload")
+    run = sh("systemctl", "start", "ptychonn-probe.service")
+    try:
+        with open(STATE + "/state/probe.json") as handle:
+            probe = json.load(handle)
+    except (OSError, ValueError) as exc:
+        probe = {"error": str(exc), "journal": journal("ptychonn-probe.service")}
+    os.unlink(probe_unit)
+    sh("systemctl", "daemon-reload")
+    in_namespace = {
+        "write_config_dir": sh("nsenter", "-t", pid, "-m", "touch", CONFIG_DIR + "/.x")["rc"],
+        "write_engines": sh("nsenter", "-t", pid, "-m", "touch", ENGINES + "/.x")["rc"],
+        "list_home": sh("nsenter", "-t", pid, "-m", "ls", "-A", "/home")["output"].strip(),
+    }
+    return {
+        "uid": status["Uid"].split(), "gid": status["Gid"].split(), "groups": status["Groups"].split(),
+        "service_uid": sh("id", "-u", "ptychonn-edge")["output"].strip(),
+        "service_gid": sh("id", "-g", "ptychonn-edge")["output"].strip(),
+        "video_gid": sh("getent", "group", "video")["output"].split(":")[2],
+        "probe_run": run, "probe": probe, "main_process_namespace": in_namespace,
+    }
+
+
+@step("reload")
+def reload() -> Dict[str, Any]:
+    before = show()
+    ids_before = len(phase_ids())
+    deploy(params["models"]["second"])
+    reloaded = sh("systemctl", "reload", UNIT)
+    second = os.path.basename(params["models"]["second"])
+    state = wait_until(unit_when(lambda s: second in s["StatusText"] and flowing(s["StatusText"])), 20,
+                       "the second engine serving")
+    wait_until(lambda: len(phase_ids()) > ids_before + 25, 15, "phase images after the reload")
+    return {"before": before, "reload": reloaded, "after": state, "phase_ids": phase_ids(),
+            "journal": journal()[-3000:]}
+
+
+@step("watchdog")
+def watchdog() -> Dict[str, Any]:
+    before = show()
+    write(HANG_FILE, "")
+    try:
+        wait_until(unit_when(lambda s: int(s["NRestarts"]) > int(before["NRestarts"])), 30,
+                   "a restart by the watchdog")
+    finally:
+        os.unlink(HANG_FILE)
+    restarted = show()
+    recovered = wait_until(flowing_now, 30, "frames flowing after the restart")
+    return {"before": before, "restarted": restarted, "recovered": recovered, "journal": journal()[-6000:]}
+
+
+@step("stop")
+def stop() -> Dict[str, Any]:
+    """Frames pile up behind a blocked pipeline; SIGTERM must still publish every one of them."""
+    write(HANG_FILE, "")
+    time.sleep(1.0)  # about 50 frames accumulate in the ring at 50 Hz
+    sh("systemctl", "kill", "--signal=SIGUSR1", "test-detector.service")
+    last_id_file = params["results"] + "/detector-last-id"
+    wait_until(lambda: os.path.exists(last_id_file), 5, "the detector stand-in to stop sending")
+    last_id = int(wait_until(lambda: open(last_id_file).read().strip(), 5, "the last id sent"))
+    sh("systemctl", "stop", "--no-block", UNIT)
+    wait_until(unit_when(lambda s: s["ActiveState"] in ("deactivating", "inactive", "failed")), 10,
+               "deactivating")
+    os.unlink(HANG_FILE)
+    final = wait_until(unit_when(lambda s: s["ActiveState"] in ("inactive", "failed")), 60, "the service stopped")
+    wait_until(lambda: last_id in phase_ids(), 10, "the last frame sent on P:Phase")
+    return {"last_id": last_id, "final": final, "phase_ids": phase_ids(), "journal": journal()[-3000:]}
+
+
+@step("broken_config")
+def broken_config() -> Dict[str, Any]:
+    write(CONFIG_DIR + "/config.yaml", "pipeline:\n  max_batch: 0\nno_such_section: {}\n")
+    sh("systemctl", "reset-failed", UNIT)
+    started = sh("systemctl", "start", UNIT)
+    first = show()
+    time.sleep(3.0)  # an observation window: with RestartSec=1s a restart storm would show by now
+    return {"start": started, "first": first, "later": show(), "journal": journal()[-3000:]}
+
+
+@step("uninstall")
+def uninstall() -> Dict[str, Any]:
+    removed = sh("bash", params["checkout"] + "/scripts/install.sh", "--uninstall")
+    return {
+        "uninstall": removed,
+        "unit_known": sh("systemctl", "cat", UNIT)["rc"] == 0,
+        "venv_exists": os.path.exists(VENV),
+        "config_kept": os.path.exists(CONFIG_DIR + "/config.yaml"),
+    }
+
+
+def main() -> None:
+    with open(PARAMS) as handle:
+        params.update(json.load(handle))
+    results["python"] = sys.version
+    if install() and peers() and deploy_first() and start():
+        sandbox()
+        reload()
+        watchdog()
+        stop()
+    broken_config()
+    uninstall()
+    for unit in ("test-collector.service", "test-detector.service", "test-sshd.service"):
+        sh("systemctl", "stop", unit)
+    results["complete"] = True
+    save()
+
+
+if __name__ == "__main__":
+    main()
