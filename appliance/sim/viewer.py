@@ -34,7 +34,7 @@ class Received:
 
 
 class Viewer:
-    """Monitor ``pv_name``; ``keep_images=False`` keeps only metadata (long benchmark runs)."""
+    """Monitor ``pv_name``; ``keep_images=False`` keeps only pixel [0, 0] of each image (long runs)."""
 
     def __init__(self, pv_name: str, queue_size: int = 10000, keep_images: bool = True,
                  positions: Tuple[str, str] = ("SampleX", "SampleY")) -> None:
@@ -58,7 +58,7 @@ class Viewer:
             image, meta = decode(pv, self._positions)
         except FrameError:
             return  # the empty initial update of a record never written
-        item = Received(meta, np.array(image) if self._keep_images else np.empty(0), arrived)
+        item = Received(meta, np.array(image if self._keep_images else image[:1, :1]), arrived)
         with self._changed:
             self.items.append(item)
             self._changed.notify_all()
