@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands whose modules add their own arguments: (command, module with add_arguments/main).
 _EXTENSIONS = [
     ("build-engine", "appliance.engines.build"),
+    ("simulate", "appliance.sim.serve"),
+    ("demo", "appliance.demo"),
 ]
 
 

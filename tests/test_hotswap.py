@@ -6,7 +6,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import pytest

@@ -118,8 +118,8 @@ class ScanSimulation:
         row = (np.asarray(y_m, dtype=np.float64) - self.origin_m[1]) / self.pixel_size_m
         col, row = np.broadcast_arrays(col, row)
         padded = np.pad(self.object_phase, 1)
-        c0 = np.clip(np.floor(col).astype(np.int64), -1, padded.shape[1] - 2)
-        r0 = np.clip(np.floor(row).astype(np.int64), -1, padded.shape[0] - 2)
+        c0 = np.clip(np.floor(col).astype(np.int64), -1, padded.shape[1] - 3)
+        r0 = np.clip(np.floor(row).astype(np.int64), -1, padded.shape[0] - 3)
         fc = np.clip(col - c0, 0.0, 1.0)
         fr = np.clip(row - r0, 0.0, 1.0)
         r0, c0 = r0 + 1, c0 + 1
