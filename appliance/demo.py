@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -31,32 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-output", help="directory for the picture and the appliance log")
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def loopback_env(own: Dict[str, int], other: Dict[str, int]) -> Dict[str, str]:
-    """PVA settings that keep all traffic on 127.0.0.1 (see docs/pvaccess-loopback in the README)."""
-    return {
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-        "EPICS_PVA_SERVER_PORT": str(own["tcp"]),
-        "EPICS_PVA_BROADCAST_PORT": str(own["udp"]),
-        "EPICS_PVA_ADDR_LIST": "127.0.0.1:{}".format(other["udp"]),
-        "EPICS_PVA_NAME_SERVERS": "127.0.0.1:{} 127.0.0.1:{}".format(own["tcp"], other["tcp"]),
-    }
-
-
-def free_ports() -> Dict[str, int]:
-    return {"tcp": _free_port(socket.SOCK_STREAM), "udp": _free_port(socket.SOCK_DGRAM)}
-
-
 def main(args: argparse.Namespace) -> int:
     if not os.path.exists(args.model):
         print("no model at {}; train one with scripts/train_ptychonn.py or pass --model".format(args.model), file=sys.stderr)
         return 2
+    from appliance.sim.loopback import free_ports, loopback_env
+
     mine, theirs = free_ports(), free_ports()
     os.environ.update(loopback_env(mine, theirs))  # before this process creates any PVA object
 

@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List
+from typing import List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pva_env(own: Dict[str, int], other: Dict[str, int]) -> Dict[str, str]:
-    return {
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-        "EPICS_PVA_SERVER_PORT": str(own["tcp"]),
-        "EPICS_PVA_BROADCAST_PORT": str(own["udp"]),
-        "EPICS_PVA_ADDR_LIST": "127.0.0.1:{}".format(other["udp"]),
-        "EPICS_PVA_NAME_SERVERS": "127.0.0.1:{} 127.0.0.1:{}".format(own["tcp"], other["tcp"]),
-    }
+from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -57,9 +41,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--quiet", type=float, default=15.0, help="seconds of streaming without swaps")
     args = parser.parse_args(argv)
 
-    mine = {"tcp": free_port(socket.SOCK_STREAM), "udp": free_port(socket.SOCK_DGRAM)}
-    theirs = {"tcp": free_port(socket.SOCK_STREAM), "udp": free_port(socket.SOCK_DGRAM)}
-    os.environ.update(pva_env(mine, theirs))
+    mine, theirs = free_ports(), free_ports()
+    os.environ.update(loopback_env(mine, theirs))
 
     import numpy as np
 
@@ -80,7 +63,7 @@ def main(argv: List[str]) -> int:
     config = write_config(os.path.join(work, "config.yaml"), "BENCHHS:det", "BENCHHS", engine_dir=engines,
                           pipeline={"max_batch": 8, "max_wait_ms": 2})
     env = dict(os.environ)
-    env.update(pva_env(theirs, mine))
+    env.update(loopback_env(theirs, mine))
     env["PYTHONPATH"] = ROOT
     detector = DetectorServer("BENCHHS:det")
     app = ApplianceProcess(config, env, "BENCHHS")

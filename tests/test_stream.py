@@ -28,17 +28,21 @@ def detector(names: Dict[str, str]) -> Iterator[DetectorServer]:
     server.close()
 
 
+def serve(tmp_path, names, appliance_env, model: str, **sections):
+    """An appliance serving ``model`` on this test's detector, and a collector on its phase PV."""
+    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model, **sections)
+    app = ApplianceProcess(config, appliance_env, names["prefix"])
+    app.wait_ready()
+    return app, Collector(names["prefix"] + ":Phase")
+
+
 def frames(count: int, size: int = 128, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 4000, (count, size, size)).astype(np.uint16)
 
 
 def test_every_frame_is_published_once_in_order_with_its_metadata(tmp_path, names, detector, appliance_env):
     model = conv_model(str(tmp_path / "conv.onnx"))
-    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model,
-                          pipeline={"max_batch": 8, "max_wait_ms": 5})
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
-    collector = Collector(names["prefix"] + ":Phase")
+    app, collector = serve(tmp_path, names, appliance_env, model, pipeline={"max_batch": 8, "max_wait_ms": 5})
     data = frames(300)
     sent = {}
     for index, image in enumerate(data):
@@ -66,11 +70,7 @@ def test_every_frame_is_published_once_in_order_with_its_metadata(tmp_path, name
 
 def test_fixed_batch_model_publishes_a_short_scan_without_padding(tmp_path, names, detector, appliance_env):
     model = affine_model(str(tmp_path / "fixed8.onnx"), batch=8, scale=2.0)
-    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model,
-                          pipeline={"max_batch": 8, "max_wait_ms": 20})
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
-    collector = Collector(names["prefix"] + ":Phase")
+    app, collector = serve(tmp_path, names, appliance_env, model, pipeline={"max_batch": 8, "max_wait_ms": 20})
     data = frames(13)
     for index, image in enumerate(data):
         detector.send(image, index + 1)
@@ -103,11 +103,7 @@ def _raw_frame(unique_id: int, field: str, data: np.ndarray, width: int, height:
 
 def test_bad_frames_are_counted_by_reason_and_the_stream_goes_on(tmp_path, names, detector, appliance_env):
     model = affine_model(str(tmp_path / "identity.onnx"), size=32)
-    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model,
-                          pipeline={"max_wait_ms": 1})
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
-    collector = Collector(names["prefix"] + ":Phase")
+    app, collector = serve(tmp_path, names, appliance_env, model, pipeline={"max_wait_ms": 1})
     good = frames(8, size=32)
     record = detector.record
     floats = good[0].astype(np.float32)
@@ -147,10 +143,7 @@ def json_status(status):
 @pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc"])
 def test_compressed_frames_give_the_same_phase_as_uncompressed(tmp_path, names, detector, appliance_env, codec):
     model = conv_model(str(tmp_path / "conv.onnx"), size=64)
-    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model)
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
-    collector = Collector(names["prefix"] + ":Phase")
+    app, collector = serve(tmp_path, names, appliance_env, model)
     data = frames(10, size=64)
     for index, image in enumerate(data):
         detector.send(image, index + 1)
@@ -165,10 +158,7 @@ def test_compressed_frames_give_the_same_phase_as_uncompressed(tmp_path, names, 
 
 def test_gaps_count_as_upstream_losses_and_restarts_as_new_acquisitions(tmp_path, names, detector, appliance_env):
     model = affine_model(str(tmp_path / "identity.onnx"), size=16)
-    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model)
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
-    collector = Collector(names["prefix"] + ":Phase")
+    app, collector = serve(tmp_path, names, appliance_env, model)
     image = frames(1, size=16)[0]
     for unique_id in [1, 2, 5, 6, 10, 1, 2, 3]:  # 5 lost upstream, then the IOC restarts
         detector.send(image, unique_id)
@@ -182,10 +172,7 @@ def test_gaps_count_as_upstream_losses_and_restarts_as_new_acquisitions(tmp_path
 def test_p4p_reads_phase_as_a_well_formed_ntndarray(tmp_path, names, detector, appliance_env, appliance_ports):
     p4p_client = pytest.importorskip("p4p.client.thread", reason="p4p is the independent PVA implementation")
     model = affine_model(str(tmp_path / "negate.onnx"), size=24, scale=-1.0)
-    config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model)
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
-    collector = Collector(names["prefix"] + ":Phase")
+    app, collector = serve(tmp_path, names, appliance_env, model)
     image = frames(1, size=24)[0]
     detector.send(image, 42, position=(1.5e-6, 2.5e-6))
     collector.wait_for(1, timeout=10)
