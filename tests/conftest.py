@@ -34,5 +34,23 @@ def appliance_env() -> Dict[str, str]:
 
 
 @pytest.fixture
+def launch(appliance_env):
+    """Start ``ptychonn-edge run`` processes that are stopped at teardown, whatever the test did."""
+    from appliance.sim.process import ApplianceProcess
+
+    started = []
+
+    def start(config_path: str, prefix: str) -> ApplianceProcess:
+        app = ApplianceProcess(config_path, appliance_env, prefix)
+        started.append(app)
+        app.wait_ready()
+        return app
+
+    yield start
+    for app in started:
+        app.stop()
+
+
+@pytest.fixture
 def appliance_ports() -> Dict[str, int]:
     return dict(APPLIANCE_PORTS)

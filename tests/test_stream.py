@@ -9,7 +9,7 @@ import onnxruntime
 import pytest
 
 from appliance.sim.detector import DetectorServer
-from harness import ApplianceProcess, Collector, write_config
+from harness import Collector, write_config
 from onnx_models import affine_model, conv_model
 
 _names = itertools.count()
@@ -28,11 +28,10 @@ def detector(names: Dict[str, str]) -> Iterator[DetectorServer]:
     server.close()
 
 
-def serve(tmp_path, names, appliance_env, model: str, **sections):
+def serve(tmp_path, names, launch, model: str, **sections):
     """An appliance serving ``model`` on this test's detector, and a collector on its phase PV."""
     config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model, **sections)
-    app = ApplianceProcess(config, appliance_env, names["prefix"])
-    app.wait_ready()
+    app = launch(config, names["prefix"])
     return app, Collector(names["prefix"] + ":Phase")
 
 
@@ -40,9 +39,9 @@ def frames(count: int, size: int = 128, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 4000, (count, size, size)).astype(np.uint16)
 
 
-def test_every_frame_is_published_once_in_order_with_its_metadata(tmp_path, names, detector, appliance_env):
+def test_every_frame_is_published_once_in_order_with_its_metadata(tmp_path, names, detector, launch):
     model = conv_model(str(tmp_path / "conv.onnx"))
-    app, collector = serve(tmp_path, names, appliance_env, model, pipeline={"max_batch": 8, "max_wait_ms": 5})
+    app, collector = serve(tmp_path, names, launch, model, pipeline={"max_batch": 8, "max_wait_ms": 5})
     data = frames(300)
     sent = {}
     for index, image in enumerate(data):
@@ -68,9 +67,9 @@ def test_every_frame_is_published_once_in_order_with_its_metadata(tmp_path, name
     assert status["engine_name"] == "conv.onnx" and len(status["engine_sha256"]) == 64
 
 
-def test_fixed_batch_model_publishes_a_short_scan_without_padding(tmp_path, names, detector, appliance_env):
+def test_fixed_batch_model_publishes_a_short_scan_without_padding(tmp_path, names, detector, launch):
     model = affine_model(str(tmp_path / "fixed8.onnx"), batch=8, scale=2.0)
-    app, collector = serve(tmp_path, names, appliance_env, model, pipeline={"max_batch": 8, "max_wait_ms": 20})
+    app, collector = serve(tmp_path, names, launch, model, pipeline={"max_batch": 8, "max_wait_ms": 20})
     data = frames(13)
     for index, image in enumerate(data):
         detector.send(image, index + 1)
@@ -101,9 +100,9 @@ def _raw_frame(unique_id: int, field: str, data: np.ndarray, width: int, height:
     return pv
 
 
-def test_bad_frames_are_counted_by_reason_and_the_stream_goes_on(tmp_path, names, detector, appliance_env):
+def test_bad_frames_are_counted_by_reason_and_the_stream_goes_on(tmp_path, names, detector, launch):
     model = affine_model(str(tmp_path / "identity.onnx"), size=32)
-    app, collector = serve(tmp_path, names, appliance_env, model, pipeline={"max_wait_ms": 1})
+    app, collector = serve(tmp_path, names, launch, model, pipeline={"max_wait_ms": 1})
     good = frames(8, size=32)
     record = detector.record
     floats = good[0].astype(np.float32)
@@ -141,9 +140,9 @@ def json_status(status):
 
 
 @pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc"])
-def test_compressed_frames_give_the_same_phase_as_uncompressed(tmp_path, names, detector, appliance_env, codec):
+def test_compressed_frames_give_the_same_phase_as_uncompressed(tmp_path, names, detector, launch, codec):
     model = conv_model(str(tmp_path / "conv.onnx"), size=64)
-    app, collector = serve(tmp_path, names, appliance_env, model)
+    app, collector = serve(tmp_path, names, launch, model)
     data = frames(10, size=64)
     for index, image in enumerate(data):
         detector.send(image, index + 1)
@@ -156,9 +155,9 @@ def test_compressed_frames_give_the_same_phase_as_uncompressed(tmp_path, names, 
         np.testing.assert_array_equal(plain.image, compressed.image)
 
 
-def test_gaps_count_as_upstream_losses_and_restarts_as_new_acquisitions(tmp_path, names, detector, appliance_env):
+def test_gaps_count_as_upstream_losses_and_restarts_as_new_acquisitions(tmp_path, names, detector, launch):
     model = affine_model(str(tmp_path / "identity.onnx"), size=16)
-    app, collector = serve(tmp_path, names, appliance_env, model)
+    app, collector = serve(tmp_path, names, launch, model)
     image = frames(1, size=16)[0]
     for unique_id in [1, 2, 5, 6, 10, 1, 2, 3]:  # 5 lost upstream, then the IOC restarts
         detector.send(image, unique_id)
@@ -169,10 +168,10 @@ def test_gaps_count_as_upstream_losses_and_restarts_as_new_acquisitions(tmp_path
     assert status["acquisitions"] == 2
 
 
-def test_p4p_reads_phase_as_a_well_formed_ntndarray(tmp_path, names, detector, appliance_env, appliance_ports):
+def test_p4p_reads_phase_as_a_well_formed_ntndarray(tmp_path, names, detector, launch, appliance_ports):
     p4p_client = pytest.importorskip("p4p.client.thread", reason="p4p is the independent PVA implementation")
     model = affine_model(str(tmp_path / "negate.onnx"), size=24, scale=-1.0)
-    app, collector = serve(tmp_path, names, appliance_env, model)
+    app, collector = serve(tmp_path, names, launch, model)
     image = frames(1, size=24)[0]
     detector.send(image, 42, position=(1.5e-6, 2.5e-6))
     collector.wait_for(1, timeout=10)

@@ -90,6 +90,7 @@ class ApplianceProcess:
         raise RuntimeError("no verdict on {} within {} s".format(file_name, timeout))
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (drain, then exit), as systemctl stop does; killed if it does not end in ``timeout``."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         self.finish(timeout)
