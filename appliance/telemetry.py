@@ -123,7 +123,9 @@ def status_line(snapshot: Dict[str, object]) -> str:
     """The one-line summary for systemd's STATUS= and the log."""
     latency = snapshot["latency"]
     p99 = latency.get("p99_ms") if isinstance(latency, dict) else None
-    return "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}, engine {}".format(
+    state = snapshot.get("state")
+    prefix = "{}; ".format(state) if state and state != "serving" else ""
+    return prefix + "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}, engine {}".format(
         snapshot["rate_in_hz"],
         snapshot["rate_out_hz"],
         "{:.1f} ms".format(p99) if p99 is not None else "-",

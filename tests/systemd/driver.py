@@ -96,6 +96,11 @@ def write(path: str, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
+def write_env(path: str, variables: Dict[str, str]) -> None:
+    """An EnvironmentFile= for systemd."""
+    write(path, "".join("{}={}\n".format(name, value) for name, value in sorted(variables.items())))
+
+
 def acl_entries(path: str, kind: str) -> List[List[Any]]:
     """[tag, id, permission bits] of a POSIX ACL, decoded from its xattr (no getfacl in the container)."""
     tags = {1: "user_obj", 2: "user", 4: "group_obj", 8: "group", 16: "mask", 32: "other"}
@@ -147,13 +152,17 @@ def save() -> None:
 # -- steps -------------------------------------------------------------------------------
 @step("install")
 def install() -> Dict[str, Any]:
-    """The venv the install script finds already there sees the host venv's packages, so pip needs no index."""
+    """scripts/install.sh as on a device, with the test's config, environment and a drop-in in place.
+
+    The venv it finds already there sees the host venv's packages, so pip needs no
+    index; the drop-in only shortens the watchdog and restart delays.
+    """
     sh("python3", "-m", "venv", "--system-site-packages", VENV)
     site = sh(VENV + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")["output"].strip()
     write(site + "/ptychonn-test-deps.pth", "import site; site.addsitedir({!r})\n".format(params["site_packages"]))
     write(CONFIG_DIR + "/config.yaml", params["config"])
     env = dict(params["env"]["appliance"], PTYCHONN_EDGE_TEST_HANG_FILE=HANG_FILE)
-    write(CONFIG_DIR + "/environment", "".join("{}={}\n".format(k, v) for k, v in sorted(env.items())))
+    write_env(CONFIG_DIR + "/environment", env)
     write(DROPIN_DIR + "/60-test.conf", "[Service]\nWatchdogSec=4s\nRestartSec=1s\n")
     script = params["checkout"] + "/scripts/install.sh"
     args = ["bash", script, "--no-apt", "--no-start", "--pip-args", "--no-index --no-build-isolation"]
@@ -180,8 +189,8 @@ def install() -> Dict[str, Any]:
 
 @step("peers")
 def peers() -> Dict[str, Any]:
-    write("/srv/test-env/detector.env", "".join("{}={}\n".format(k, v) for k, v in params["env"]["detector"].items()))
-    write("/srv/test-env/collector.env", "".join("{}={}\n".format(k, v) for k, v in params["env"]["collector"].items()))
+    write_env("/srv/test-env/detector.env", params["env"]["detector"])
+    write_env("/srv/test-env/collector.env", params["env"]["collector"])
     python, script = VENV + "/bin/python", params["checkout"] + "/tests/systemd/peers.py"
     detector = sh("systemd-run", "--unit=test-detector", "-p", "EnvironmentFile=/srv/test-env/detector.env",
                   python, script, "detector", params["detector_pv"], "50", params["results"] + "/detector-last-id")
@@ -195,6 +204,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 PidFile none
+Subsystem sftp /usr/lib/openssh/sftp-server
 """
 
 
@@ -204,12 +214,15 @@ def deploy_first() -> Dict[str, Any]:
     if not os.path.exists("/usr/sbin/sshd"):
         deploy(params["models"]["first"])
         return {"skipped": "no /usr/sbin/sshd (apt-get install openssh-server)"}
-    sh("useradd", "--create-home", "--groups", "ptychonn-deploy", "--shell", "/bin/bash", "deployer")
+    sh("useradd", "--system", "--no-create-home", "--home-dir", "/run/sshd", "sshd")  # privilege separation
+    # Password "*": no password login, but not a locked account (sshd without PAM refuses those).
+    sh("useradd", "--create-home", "--groups", "ptychonn-deploy", "--shell", "/bin/bash", "--password", "*",
+       "deployer")
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/root/.ssh/id_ed25519")
     os.makedirs("/etc/ssh", exist_ok=True)
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/etc/ssh/ssh_host_ed25519_key")
     write("/home/deployer/.ssh/authorized_keys", open("/root/.ssh/id_ed25519.pub").read(), 0o600)
-    sh("chown", "-R", "deployer:deployer", "/home/deployer/.ssh")
+    sh("chown", "-R", "deployer:", "/home/deployer/.ssh")
     os.chmod("/home/deployer/.ssh", 0o700)
     write("/srv/test-env/sshd_config", SSHD_CONFIG.format(port=params["ssh_port"]))
     os.makedirs("/run/sshd", exist_ok=True)
@@ -218,9 +231,16 @@ def deploy_first() -> Dict[str, Any]:
         params["ssh_port"])
     env = dict(os.environ, SSH_OPTIONS=options)
     script = [params["checkout"] + "/scripts/deploy-engine.sh", "deployer@127.0.0.1", params["models"]["first"]]
-    wait_until(lambda: sh("ssh", *options.split(), "deployer@127.0.0.1", "true")["rc"] == 0, 10, "sshd")
+    try:
+        wait_until(lambda: sh("ssh", *options.split(), "deployer@127.0.0.1", "true")["rc"] == 0, 10, "sshd")
+    except AssertionError:
+        raise AssertionError("sshd not reachable: {}\n{}\n{}".format(
+            sh("ssh", *options.split(), "deployer@127.0.0.1", "true")["output"], journal("test-sshd.service"),
+            sh("ls", "-lan", "/home", "/home/deployer", "/home/deployer/.ssh")["output"]))
     done = subprocess.run(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                           env=env, timeout=60)
+    if done.returncode != 0:
+        raise AssertionError("deploy-engine.sh failed ({}):\n{}".format(done.returncode, done.stdout))
     target = os.path.join(ENGINES, os.path.basename(params["models"]["first"]))
     info = os.stat(target)
     return {

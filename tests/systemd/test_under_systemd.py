@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Optional
 import pytest
 import yaml
 
-from conftest import ROOT, _port_pair, pva_env
+from appliance.sim.loopback import free_ports, loopback_env
+from conftest import ROOT
 from onnx_models import affine_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,7 +60,7 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 
 def _params(work: str) -> Dict[str, Any]:
-    appliance, detector, collector = _port_pair(), _port_pair(), _port_pair()
+    appliance, detector, collector = free_ports(), free_ports(), free_ports()
     config = {
         "detector": {"pv": DETECTOR_PV},
         "engine": {"directory": "/var/lib/ptychonn-edge/engines"},
@@ -68,16 +69,16 @@ def _params(work: str) -> Dict[str, Any]:
     }
     return {
         "checkout": ROOT,
-        "ssh_port": _port_pair()["tcp"],
+        "ssh_port": free_ports()["tcp"],
         "results": "/srv/results",
         "site_packages": "/srv/venv/" + os.path.relpath(sysconfig.get_paths()["purelib"], sys.prefix),
         "config": yaml.safe_dump(config),
         "detector_pv": DETECTOR_PV,
         "prefix": PREFIX,
         "env": {
-            "appliance": pva_env(appliance, detector),
-            "detector": pva_env(detector, detector),
-            "collector": pva_env(collector, appliance),
+            "appliance": loopback_env(appliance, detector),
+            "detector": loopback_env(detector, detector),
+            "collector": loopback_env(collector, appliance),
         },
         "models": {
             "first": "/srv/test/" + os.path.basename(affine_model(os.path.join(work, "first.onnx"))),
@@ -128,13 +129,14 @@ def run(tmp_path_factory) -> Dict[str, Any]:
             console_tail = handle.read()[-5000:]
         pytest.fail("no results from the container (rc {}, {}):\n{}".format(boot.returncode, exc, console_tail))
     record["boot_rc"] = boot.returncode
+    record["work"] = work  # results.json and console.log stay there for a look after a failure
     return record
 
 
 def _step(run: Dict[str, Any], name: str) -> Dict[str, Any]:
     record = run.get(name)
-    assert record is not None, "step {} did not run".format(name)
-    assert "error" not in record, "step {} failed:\n{}".format(name, record["error"])
+    assert record is not None, "step {} did not run (see {})".format(name, run["work"])
+    assert "error" not in record, "step {} failed (see {}):\n{}".format(name, run["work"], record["error"])
     return record
 
 

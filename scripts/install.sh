@@ -1,0 +1,210 @@
+#!/bin/bash
+# Install (or remove) ptychonn-edge as a systemd service on this machine.
+#
+# Jetson (JetPack 5.1 / 6) or any Debian/Ubuntu box with systemd. Run as root from a
+# checkout; running it again upgrades in place and changes nothing else. See
+# docs/deploy.md for what it does and why.
+#
+#   sudo scripts/install.sh                  install, enable, (re)start
+#   sudo scripts/install.sh --no-start       install and enable only
+#   sudo scripts/install.sh --uninstall      remove the service, venv and units; keep config and state
+#   sudo scripts/install.sh --uninstall --purge   also remove config, state, engines, user and groups
+#
+# Options:
+#   --prefix DIR     where the venv and docs go (default /opt/ptychonn-edge; the units expect it)
+#   --extras LIST    pip extras, comma separated (default: none when the OS's python3 has
+#                    TensorRT, e.g. on a Jetson, else "cpu" for ONNX Runtime)
+#   --pip-args ARGS  extra pip arguments, e.g. "--no-index --find-links /media/wheels"
+#   --no-apt         do not install python3-venv / python3-systemd with apt-get
+set -euo pipefail
+
+PREFIX=/opt/ptychonn-edge
+EXTRAS=auto
+PIP_ARGS=""
+USE_APT=1
+START=1
+UNINSTALL=0
+PURGE=0
+
+SERVICE=ptychonn-edge
+USER_NAME=ptychonn-edge
+DEPLOY_GROUP=ptychonn-deploy
+CONFIG_DIR=/etc/ptychonn-edge
+STATE_DIR=/var/lib/ptychonn-edge
+UNIT_DIR=/etc/systemd/system
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+say() { printf '%s\n' "install.sh: $*"; }
+die() { printf '%s\n' "install.sh: error: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
+        --extras) EXTRAS=${2?--extras needs a list}; shift ;;
+        --pip-args) PIP_ARGS=${2?--pip-args needs arguments}; shift ;;
+        --no-apt) USE_APT=0 ;;
+        --no-start) START=0 ;;
+        --uninstall) UNINSTALL=1 ;;
+        --purge) PURGE=1 ;;
+        -h|--help) usage 0 ;;
+        *) printf 'install.sh: unknown option %s\n' "$1" >&2; usage 2 ;;
+    esac
+    shift
+done
+VENV=$PREFIX/venv
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo $0 $*)"
+command -v systemctl >/dev/null || die "systemd is required (systemctl not found)"
+[ "$PURGE" -eq 0 ] || [ "$UNINSTALL" -eq 1 ] || die "--purge only goes with --uninstall"
+
+# --- removal -------------------------------------------------------------------------
+uninstall() {
+    say "stopping and disabling $SERVICE and its instances"
+    systemctl disable --now "$SERVICE.service" 2>/dev/null || true
+    systemctl stop "$SERVICE@*.service" 2>/dev/null || true
+    systemctl disable "$SERVICE@.service" 2>/dev/null || true
+    rm -rf "$UNIT_DIR/$SERVICE.service" "$UNIT_DIR/$SERVICE@.service" \
+        "$UNIT_DIR/$SERVICE.service.d/50-gpu-devices.conf" "$UNIT_DIR/$SERVICE@.service.d/50-gpu-devices.conf"
+    rmdir "$UNIT_DIR/$SERVICE.service.d" "$UNIT_DIR/$SERVICE@.service.d" 2>/dev/null || true
+    rm -f /etc/sysusers.d/$SERVICE.conf /etc/sysusers.d/$SERVICE-jtop.conf /etc/tmpfiles.d/$SERVICE.conf
+    systemctl daemon-reload
+    systemctl reset-failed "$SERVICE.service" "$SERVICE@*.service" 2>/dev/null || true
+    rm -rf "$VENV" "$PREFIX/doc"
+    rmdir "$PREFIX" 2>/dev/null || true
+    if [ "$PURGE" -eq 1 ]; then
+        say "purging $CONFIG_DIR, $STATE_DIR, user $USER_NAME and group $DEPLOY_GROUP"
+        rm -rf "$CONFIG_DIR" "$STATE_DIR"
+        if getent passwd "$USER_NAME" >/dev/null; then userdel "$USER_NAME"; fi
+        if getent group "$USER_NAME" >/dev/null; then groupdel "$USER_NAME"; fi
+        if getent group "$DEPLOY_GROUP" >/dev/null; then groupdel "$DEPLOY_GROUP"; fi
+    else
+        say "kept $CONFIG_DIR, $STATE_DIR and user $USER_NAME (use --purge to remove them)"
+    fi
+}
+
+# --- installation steps ----------------------------------------------------------------
+os_packages() {
+    # The venv sees the OS's python3-systemd (sd_notify, journald) and, on a Jetson,
+    # JetPack's TensorRT: both come from apt, not from PyPI.
+    local missing=()
+    for package in python3-venv python3-systemd; do
+        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        command -v apt-get >/dev/null || die "missing ${missing[*]}; install them or use --no-apt"
+        say "installing ${missing[*]}"
+        apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+}
+
+users_and_directories() {
+    install -D -m 0644 "$SRC/systemd/sysusers.d/$SERVICE.conf" /etc/sysusers.d/$SERVICE.conf
+    if getent group jtop >/dev/null; then
+        # jetson-stats' socket is group jtop: telemetry needs the service in it.
+        printf 'm %s jtop\n' "$USER_NAME" > /etc/sysusers.d/$SERVICE-jtop.conf
+    else
+        rm -f /etc/sysusers.d/$SERVICE-jtop.conf
+    fi
+    systemd-sysusers /etc/sysusers.d/$SERVICE.conf
+    [ ! -e /etc/sysusers.d/$SERVICE-jtop.conf ] || systemd-sysusers /etc/sysusers.d/$SERVICE-jtop.conf
+    install -D -m 0644 "$SRC/systemd/tmpfiles.d/$SERVICE.conf" /etc/tmpfiles.d/$SERVICE.conf
+    systemd-tmpfiles --create /etc/tmpfiles.d/$SERVICE.conf
+    install -d -m 0755 "$CONFIG_DIR"
+}
+
+python_environment() {
+    local python=/usr/bin/python3 extras=$EXTRAS
+    if [ "$extras" = auto ]; then
+        if "$python" -c 'import tensorrt' 2>/dev/null; then extras=""; else extras=cpu; fi
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV (with the system site packages)"
+        "$python" -m venv --system-site-packages "$VENV"
+    fi
+    # Build from a copy: pip's in-tree build would leave root-owned build/ and
+    # *.egg-info directories in the checkout.
+    STAGING=$(mktemp -d)
+    trap 'rm -rf "$STAGING"' EXIT
+    tar -C "$SRC" --exclude=.git --exclude=build --exclude=dist --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=.venv -cf - . | tar -C "$STAGING" -xf -
+    say "installing ptychonn-edge${extras:+[$extras]} into $VENV"
+    # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS \
+        "$STAGING${extras:+[$extras]}"
+    install -d -m 0755 "$PREFIX/doc"
+    install -m 0644 "$SRC"/docs/*.md "$PREFIX/doc/"
+}
+
+configuration() {
+    if [ ! -e "$CONFIG_DIR/config.yaml" ]; then
+        say "writing $CONFIG_DIR/config.yaml from systemd/config.example.yaml: edit detector.pv"
+        install -m 0644 "$SRC/systemd/config.example.yaml" "$CONFIG_DIR/config.yaml"
+    fi
+    if ! "$VENV/bin/ptychonn-edge" check-config "$CONFIG_DIR/config.yaml" >/dev/null; then
+        say "WARNING: $CONFIG_DIR/config.yaml is not valid (above); the service will not start until it is fixed"
+    fi
+}
+
+shipped_engines() {
+    local engines=$STATE_DIR/engines file copied=0
+    [ -z "$(ls -A "$engines")" ] || return 0
+    for file in "$SRC"/engines/*; do
+        [ -f "$file" ] || continue
+        install -m 0664 -g "$DEPLOY_GROUP" "$file" "$engines/"
+        copied=1
+    done
+    [ "$copied" -eq 0 ] || say "installed the shipped default engine into $engines"
+}
+
+gpu_device_dropins() {
+    # DevicePolicy=closed in the units: allow exactly the GPU nodes this machine has.
+    # Jetson: /dev/nvmap, /dev/nvhost-* (JetPack 5), /dev/nvgpu/*/* (JetPack 6);
+    # discrete GPUs: /dev/nvidia*. CPU-only machines get no drop-in.
+    local nodes=() node unit
+    for node in /dev/nvmap /dev/nvhost-* /dev/nvgpu/*/* /dev/nvidia* /dev/nvidia-caps/*; do
+        [ -c "$node" ] && nodes+=("$node")
+    done
+    for unit in "$SERVICE.service" "$SERVICE@.service"; do
+        if [ ${#nodes[@]} -eq 0 ]; then
+            rm -f "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
+            continue
+        fi
+        install -d -m 0755 "$UNIT_DIR/$unit.d"
+        {
+            echo "# Written by scripts/install.sh from the GPU device nodes present; rerun it after a JetPack upgrade."
+            echo "[Service]"
+            for node in "${nodes[@]}"; do echo "DeviceAllow=$node rw"; done
+        } > "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
+    done
+    [ ${#nodes[@]} -eq 0 ] || say "allowed ${#nodes[@]} GPU device nodes (50-gpu-devices.conf)"
+}
+
+units() {
+    install -d -m 0755 "$UNIT_DIR"
+    install -m 0644 "$SRC/systemd/$SERVICE.service" "$SRC/systemd/$SERVICE@.service" "$UNIT_DIR/"
+    gpu_device_dropins
+    systemctl daemon-reload
+    systemctl enable --quiet "$SERVICE.service"
+    if [ "$START" -eq 1 ]; then
+        say "(re)starting $SERVICE"
+        if ! systemctl restart "$SERVICE.service"; then
+            systemctl status --no-pager --lines=20 "$SERVICE.service" || true
+            die "$SERVICE did not start; see journalctl -u $SERVICE"
+        fi
+        systemctl status --no-pager --lines=0 "$SERVICE.service" || true
+    fi
+}
+
+if [ "$UNINSTALL" -eq 1 ]; then
+    uninstall
+    exit 0
+fi
+[ "$USE_APT" -eq 0 ] || os_packages
+users_and_directories
+python_environment
+configuration
+shipped_engines
+units
+say "done. Logs: journalctl -u $SERVICE; engines go to $STATE_DIR/engines (group $DEPLOY_GROUP:" \
+    "usermod -aG $DEPLOY_GROUP USER), e.g. with scripts/deploy-engine.sh"
