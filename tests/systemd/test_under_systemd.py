@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from appliance.sim.loopback import free_ports, loopback_env
-from conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from onnx_models import affine_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))

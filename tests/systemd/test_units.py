@@ -13,7 +13,7 @@ from typing import List
 
 import pytest
 
-from conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SYSTEMD_DIR = os.path.join(ROOT, "systemd")
 UNITS = ["ptychonn-edge.service", "ptychonn-edge@.service"]
