@@ -143,3 +143,8 @@ def test_a_manifest_sha256_that_does_not_match_rejects_the_file(tmp_path):
         open_engine(model)
     write_manifest(model, Manifest(sha256=file_sha256(model)))
     assert open_engine(model).sha256 == file_sha256(model)
+
+
+def test_the_shipped_example_config_is_valid():
+    result = cli("check-config", os.path.join(ROOT, "systemd", "config.example.yaml"))
+    assert result.returncode == 0, result.stderr
