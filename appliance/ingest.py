@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -40,11 +40,6 @@ class Ingest:
         self._preprocessors: Dict[Tuple[int, int], Preprocessor] = {}
         self._last_id: Optional[int] = None
         self._last_logged: Dict[str, float] = {}
-        self._acquisition_listeners: List[Callable[[int], None]] = []
-
-    def on_new_acquisition(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(first_unique_id)`` when uniqueId restarts (e.g. to start a new mosaic)."""
-        self._acquisition_listeners.append(listener)
 
     def on_update(self, pv: Any) -> None:
         """The monitor callback."""
@@ -69,8 +64,6 @@ class Ingest:
         self._counters.acquisitions += 1
         if last is not None:
             log.info("uniqueId went from %d to %d: new acquisition", last, unique_id)
-        for listener in self._acquisition_listeners:
-            listener(unique_id)
 
     def _store(self, image: np.ndarray, meta: FrameMeta, arrival: float) -> None:
         if image.dtype not in self._accepted:

@@ -1,10 +1,13 @@
 """A short simulated scan over PVA: the live mosaic equals the offline stitching of the published phases."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from appliance import schema
 from appliance.demo import offline_mosaic
+from appliance.pva import put_string
 from appliance.sim.detector import DetectorServer
 from appliance.sim.scan import ScanSimulation, SimulationConfig
 from appliance.sim.serve import prepare
@@ -46,6 +49,11 @@ def test_live_mosaic_matches_offline_stitching_and_resets_on_a_new_scan(tmp_path
         phases.wait_for(len(frames) + 5, timeout=10)
         status = app.wait_counts(published=len(frames) + 5)
         assert app.details()["mosaic"]["resets"] == 1 and status["acquisitions"] == 2
+        put_string("SCAN:Control", "reset")  # an operator starts a new mosaic
+        deadline = time.monotonic() + 5
+        while app.details()["mosaic"]["resets"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # P:Status is published periodically; nothing to await
+        assert app.details()["mosaic"]["resets"] == 2
     finally:
         app.stop()
         detector.close()
