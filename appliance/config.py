@@ -108,7 +108,8 @@ class PublishConfig:
 class MosaicConfig:
     enabled: bool = True
     pixel_size_m: Optional[float] = field(default=None, metadata=check(lambda v: v > 0, "> 0 (metres)"))
-    window: str = field(default="hann", metadata=check(lambda v: v in ("hann", "flat"), "hann or flat"))
+    window: str = field(default="gaussian", metadata=check(lambda v: v in ("gaussian", "hann", "flat"), "gaussian, hann or flat"))
+    window_sigma_px: float = field(default=8.0, metadata=check(lambda v: 0.5 <= v <= 4096, "0.5..4096 pixels"))
     publish_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
     max_pixels: int = field(default=2048 * 2048, metadata=check(lambda v: 1024 <= v <= 2**28, "1024..268435456"))
     extent_m: Optional[Tuple[float, float, float, float]] = field(

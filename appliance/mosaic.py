@@ -16,13 +16,23 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-WINDOWS = ("hann", "flat")
+WINDOWS = ("gaussian", "hann", "flat")
 
 
-def make_window(shape: Tuple[int, int], kind: str) -> np.ndarray:
-    """Per-pixel trust in a patch: a separable Hann bump (zero at the edges) or flat."""
+def make_window(shape: Tuple[int, int], kind: str, sigma_px: float = 8.0) -> np.ndarray:
+    """Per-pixel trust in a patch.
+
+    A network's phase is best where the beam is brightest and poor where the
+    beam never lit the sample, so the default is a Gaussian about the patch
+    centre (the beam centre) of a width matching the beam's bright core; ``hann``
+    spans the whole patch and ``flat`` trusts every pixel alike.
+    """
     if kind == "flat":
         return np.ones(shape, dtype=np.float32)
+    if kind == "gaussian":
+        rows = np.exp(-0.5 * ((np.arange(shape[0]) - shape[0] / 2.0) / sigma_px) ** 2)
+        cols = np.exp(-0.5 * ((np.arange(shape[1]) - shape[1] / 2.0) / sigma_px) ** 2)
+        return np.outer(rows, cols).astype(np.float32)
     rows = np.sin(np.pi * (np.arange(shape[0]) + 0.5) / shape[0]) ** 2
     cols = np.sin(np.pi * (np.arange(shape[1]) + 0.5) / shape[1]) ** 2
     return np.outer(rows, cols).astype(np.float32)
@@ -34,15 +44,15 @@ class Mosaic:
     def __init__(
         self,
         pixel_size_m: float,
-        patch_shape: Tuple[int, int],
-        window: str = "hann",
+        window: np.ndarray,
         max_pixels: int = 2048 * 2048,
         extent_m: Optional[Tuple[float, float, float, float]] = None,
     ) -> None:
+        """``window`` is the per-pixel weight of a patch (see :func:`make_window`); it sets the patch shape."""
         self.pixel_size_m = pixel_size_m
-        self.patch_shape = patch_shape
+        self.patch_shape = (int(window.shape[0]), int(window.shape[1]))
         self.max_pixels = max_pixels
-        self._window = make_window(patch_shape, window)
+        self._window = np.asarray(window, dtype=np.float32)
         self._extent = extent_m
         self._lock = threading.Lock()
         self.counts: Dict[str, int] = {"stitched": 0, "unplaced": 0, "outside": 0, "resets": 0}
@@ -131,18 +141,20 @@ class Mosaic:
                 self._weights[rows, cols] += share * self._window
 
     def snapshot(self, min_weight: float = 1e-3) -> "MosaicImage":
-        """The stitched phase (0 where nothing landed), where it is covered, and where it sits."""
+        """The stitched phase (0 where nothing landed), its summed weights, and where it sits."""
         with self._lock:
             sums, weights, origin = self._sums.copy(), self._weights.copy(), self._origin
         covered = weights > min_weight
         image = np.zeros_like(sums)
         image[covered] = sums[covered] / weights[covered]
-        return MosaicImage(image, covered, (origin[1] * self.pixel_size_m, origin[0] * self.pixel_size_m), self.pixel_size_m)
+        return MosaicImage(image, weights, covered, (origin[1] * self.pixel_size_m, origin[0] * self.pixel_size_m),
+                           self.pixel_size_m)
 
 
 @dataclass(frozen=True)
 class MosaicImage:
     phase: np.ndarray
-    covered: np.ndarray  # bool, same shape
+    weights: np.ndarray  # summed window weights: how much evidence each pixel has
+    covered: np.ndarray  # bool: weights above the threshold the phase was computed with
     origin_m: Tuple[float, float]  # (x, y) of pixel [0, 0]'s corner
     pixel_size_m: float

@@ -19,7 +19,7 @@ from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.tensorrt import choose_backend
 from appliance.engines.manifest import load_manifest
 from appliance.hotswap import EngineManager, StreamSpec, validate
-from appliance.mosaic import Mosaic
+from appliance.mosaic import Mosaic, make_window
 from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
@@ -122,8 +122,8 @@ class Appliance:
         if pixel_size is None:
             log.warning("no mosaic: neither mosaic.pixel_size_m nor the engine manifest gives the pixel size")
             return
-        self.mosaic = Mosaic(pixel_size, engine.io.output_image_shape(PHASE), settings.window, settings.max_pixels,
-                             settings.extent_m)
+        window = make_window(engine.io.output_image_shape(PHASE), settings.window, settings.window_sigma_px)
+        self.mosaic = Mosaic(pixel_size, window, settings.max_pixels, settings.extent_m)
         self._mosaic_record = self._server.add_image(self.config.publish.prefix + ":Mosaic")
         self.add_result_listener(lambda meta, images: self.mosaic.add(images[PHASE], meta.position, meta.unique_id))
 

@@ -14,7 +14,6 @@ import numpy as np
 from appliance.sim import physics
 from appliance.sim.objects import etched_phase, transmission
 from appliance.sim.physics import DetectorSpec
-from appliance.sim.scan import ScanSimulation
 
 OVERSAMPLED_FRAME = 516  # the field's 516x516 detector: crop [2:-2], bin 4 -> 128
 
@@ -78,7 +77,7 @@ def training_pairs(
 def beam_weight(probe: np.ndarray) -> np.ndarray:
     """Where a frame says something about the sample: the probe intensity, smoothed over its rings, max 1.
 
-    Used both to weight the training loss and to weight patches when stitching.
+    Weights the training loss: the network is only asked for what the frame can tell.
     """
     intensity = np.abs(probe.astype(np.complex128)) ** 2
     q = np.fft.fftfreq(probe.shape[0])
@@ -87,24 +86,13 @@ def beam_weight(probe: np.ndarray) -> np.ndarray:
     return (smooth / smooth.max()).astype(np.float32)
 
 
-def stitch(sim: ScanSimulation, phases: np.ndarray, weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Weighted average of patches on the sample grid, bilinear to sub-pixel positions.
+def stitch_weight(probe: np.ndarray) -> np.ndarray:
+    """Patch weight for stitching: the beam weight squared, i.e. mostly the inner ~250 nm of the beam.
 
-    Returns (mosaic, summed weight) on the grid of ``sim.object_phase``; an
-    offline reference for checking the appliance's live mosaic, and the way
-    the model's stitched accuracy is measured here.
+    Single-frame phases are best where the beam is brightest and degrade
+    towards its rim; with the scan's overlap every sample point is also near
+    the centre of some other frame, so favouring centres beats plain intensity
+    weighting (mosaic SSIM 0.93 against 0.85 on the test shapes, see
+    docs/model.md).
     """
-    n = phases.shape[-1]
-    total = np.zeros(sim.object_phase.shape, dtype=np.float64)
-    weights = np.zeros_like(total)
-    corners = sim.centre_px(range(len(phases))) - n // 2
-    for phase, (row, col) in zip(phases, corners):
-        r0, c0 = int(np.floor(row)), int(np.floor(col))
-        fr, fc = row - r0, col - c0
-        for dr, wr in ((0, 1 - fr), (1, fr)):
-            for dc, wc in ((0, 1 - fc), (1, fc)):
-                w = weight * (wr * wc)
-                total[r0 + dr : r0 + dr + n, c0 + dc : c0 + dc + n] += w * phase
-                weights[r0 + dr : r0 + dr + n, c0 + dc : c0 + dc + n] += w
-    mosaic = np.divide(total, weights, out=np.zeros_like(total), where=weights > 0)
-    return mosaic.astype(np.float32), weights
+    return beam_weight(probe) ** 2

@@ -27,46 +27,67 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
 
 from appliance.engines.base import file_sha256  # noqa: E402
-from appliance.engines.manifest import GoldenPair, Manifest, TrainedPreprocess, write_manifest  # noqa: E402
+from appliance.engines.manifest import GoldenPair, Manifest, TrainedPreprocess, manifest_path, write_manifest  # noqa: E402
 from appliance.sim import physics  # noqa: E402
-from appliance.sim.metrics import phase_rmse, ssim  # noqa: E402
 from appliance.sim.objects import TRAINING  # noqa: E402
-from appliance.sim.physics import DetectorSpec  # noqa: E402
 from appliance.sim.scan import ScanSimulation, SimulationConfig  # noqa: E402
-from ptychonn_data import OVERSAMPLED_FRAME, beam_weight, model_input, stitch, training_pairs  # noqa: E402
+from ptychonn_data import OVERSAMPLED_FRAME, beam_weight, training_pairs  # noqa: E402
+from evaluate_ptychonn import evaluate_scan  # noqa: E402
 
 # Photons per frame the input scaling refers to: a frame is rescaled to this total before log1p,
 # so the network sees the same numbers at any budget and after sum- or mean-binning.
 REFERENCE_PHOTONS = 1e6
+LOSS_FLOOR = 0.01
 INPUT_NAME = "diffraction"
 OUTPUT_NAME = "phase"
 
 
 class Normalise(nn.Module):
-    """Raw counts -> log1p(counts rescaled to REFERENCE_PHOTONS per frame), inside the graph.
+    """Raw counts -> standardised log counts, inside the graph so the appliance can feed raw counts.
 
-    The appliance feeds raw counts (after crop/bin), so the scaling must travel
-    with the model; dividing by the frame's own total makes the model blind to
-    the photon budget and to mean- versus sum-binning.
+    Each frame is first rescaled to REFERENCE_PHOTONS in total, which makes the
+    model blind to the photon budget and to mean- versus sum-binning; then
+    log1p, then a per-pixel standardisation with the training set's mean and
+    spread. The last step matters: the sample shows up as a few-percent
+    modulation of the bright pupil disc, invisible next to the disc's edge
+    until every pixel is measured against its own typical value.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.reshape(1, 1, *mean.shape[-2:]).clone())
+        self.register_buffer("std", std.reshape(1, 1, *std.shape[-2:]).clone())
+
+    @staticmethod
+    def log_counts(x: torch.Tensor) -> torch.Tensor:
         total = x.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
-        return torch.log1p(x.clamp(min=0.0) * (REFERENCE_PHOTONS / total)) * 0.25
+        return torch.log1p(x.clamp(min=0.0) * (REFERENCE_PHOTONS / total))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.log_counts(x) - self.mean) / self.std
 
 
 def _block(c_in: int, c_out: int) -> list:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+    """conv-BN-ReLU twice; the BatchNorms train the net out of its trivial start and are folded away on export."""
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class PtychoNNSmall(nn.Module):
     """The edge model: 4 down blocks (16/32/64/128), 4 up blocks (128/64/32/16), phase = pi * tanh."""
 
-    def __init__(self) -> None:
+    def __init__(self, normalise: Normalise) -> None:
         super().__init__()
-        layers: list = [Normalise()]
+        layers: list = [normalise]
         channels = 1
         for width in (16, 32, 64, 128):
             layers += _block(channels, width) + [nn.MaxPool2d(2)]
@@ -80,13 +101,31 @@ class PtychoNNSmall(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) * math.pi
 
+    def fold_batchnorm(self) -> None:
+        """Fold each BatchNorm into the conv before it (eval mode): the shipped graph is convs only."""
+        self.eval()
+        layers = list(self.net)
+        fused: list = []
+        for layer in layers:
+            if isinstance(layer, nn.BatchNorm2d):
+                fused[-1] = fuse_conv_bn_eval(fused[-1], layer)
+            else:
+                fused.append(layer)
+        self.net = nn.Sequential(*fused)
+
+
+def fit_normalise(frames: np.ndarray) -> Normalise:
+    """Per-pixel mean and spread of the log counts over the training frames."""
+    logs = torch.cat([Normalise.log_counts(torch.from_numpy(frames[i : i + 1024]).unsqueeze(1)) for i in range(0, len(frames), 1024)])
+    return Normalise(logs.mean(dim=0), logs.std(dim=0).clamp(min=0.05))
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "engines", "ptychonn-small.onnx"))
-    p.add_argument("--train-size", type=int, default=20000)
+    p.add_argument("--train-size", type=int, default=24000)
     p.add_argument("--val-size", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1)
@@ -106,7 +145,9 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
     """Adam + cosine decay on a probe-weighted L1 loss; returns what was done."""
     frames = torch.from_numpy(data["train_x"]).unsqueeze(1)
     labels = torch.from_numpy(data["train_y"]).unsqueeze(1)
-    w = torch.from_numpy(weight)[None, None]
+    # A small floor outside the beam teaches the network to stay near the background there
+    # instead of painting noise into the published patches.
+    w = torch.from_numpy(weight + LOSS_FLOOR)[None, None]
     steps_per_epoch = len(frames) // args.batch
     total_steps = steps_per_epoch * args.epochs
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -128,7 +169,7 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
             loss.backward()
             optimiser.step()
             schedule.step()
-            running += float(loss)
+            running += float(loss.detach())
             step += 1
             if step % 100 == 0:
                 log("epoch {} step {}/{} loss {:.4f} ({:.0f} s)".format(epoch + 1, step, total_steps, running / (b + 1), time.time() - start))
@@ -176,36 +217,6 @@ def export(model: nn.Module, path: str, opset: int) -> None:
     )
 
 
-def onnx_predict(path: str, frames: np.ndarray) -> np.ndarray:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: frames[i : i + 64, None]})[0][:, 0] for i in range(0, len(frames), 64)]
-    return np.concatenate(out)
-
-
-def evaluate_scan(onnx_path: str, sim: ScanSimulation, weight: np.ndarray) -> Tuple[Dict[str, float], np.ndarray, np.ndarray]:
-    """Per-patch and stitched accuracy of the exported model on one scan; returns (figures, inputs, phases)."""
-    indices = list(range(len(sim)))
-    inputs = np.concatenate([model_input(sim.frame_batch(indices[i : i + 64]), sim.config.patch_size) for i in range(0, len(sim), 64)])
-    phases = onnx_predict(onnx_path, inputs)
-    truth = np.stack([sim.phase_patch(i) for i in indices])
-    beam = weight > 0.1
-    mosaic, weights = stitch(sim, phases, weight)
-    scanned = weights >= 0.25 * weights.max()
-    figures = {
-        "patch_rmse_rad": phase_rmse(phases[:, beam], truth[:, beam]),
-        "patch_ssim": float(np.mean([ssim(p, t, beam) for p, t in zip(phases[::10], truth[::10])])),
-        "mosaic_rmse_rad": phase_rmse(mosaic, sim.object_phase, scanned),
-        "mosaic_ssim": ssim(mosaic, sim.object_phase, scanned),
-        "scanned_pixels": int(scanned.sum()),
-        "overlap": sim.overlap,
-    }
-    return figures, inputs, phases
-
-
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -224,15 +235,18 @@ def main() -> int:
     data_seconds = time.time() - t0
     log("{} training and {} validation pairs in {:.0f} s".format(len(train_x), len(val_x), data_seconds))
 
-    model = PtychoNNSmall()
-    parameters = sum(p.numel() for p in model.parameters())
-    log("model: {} parameters".format(parameters))
+    model = PtychoNNSmall(fit_normalise(train_x))
     done = train(args, model, {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}, weight)
     val_rmse = validate(model, val_x, val_y, weight)
     log("validation weighted RMSE {:.4f} rad after {} epochs, {:.0f} s".format(val_rmse, done["epochs"], done["train_seconds"]))
 
+    model.fold_batchnorm()
+    parameters = sum(p.numel() for p in model.parameters())
+    log("model: {} parameters after folding BatchNorm; validation after folding {:.4f} rad".format(parameters, validate(model, val_x, val_y, weight)))
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(manifest_path(out)):
+        os.remove(manifest_path(out))  # a previous model's manifest would fail the new file's sha256
     export(model, out, args.opset)
 
     test = {}
@@ -243,7 +257,7 @@ def main() -> int:
     }
     golden_in = None
     for name, sim in sims.items():
-        figures, inputs, phases = evaluate_scan(out, sim, weight)
+        figures, inputs, phases = evaluate_scan(out, sim)
         test[name] = figures
         log("{}: {}".format(name, json.dumps(figures)))
         if golden_in is None:
@@ -272,7 +286,7 @@ def main() -> int:
     manifest = Manifest(
         description=(
             "PtychoNN edge model (phase only) trained on simulated etched samples; input raw counts "
-            "(any photon budget: each frame is rescaled to 1e6 photons and log1p'd inside the graph); "
+            "(any photon budget: each frame is rescaled to 1e6 photons, log1p'd and standardised per pixel inside the graph); "
             "output phase in rad, background 0, meaningful within the beam (~{:.0f} nm)".format(sims["test_128"].beam_diameter_m * 1e9)
         ),
         outputs={"phase": OUTPUT_NAME},

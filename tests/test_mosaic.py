@@ -10,7 +10,7 @@ PIXEL = 10e-9
 
 
 def test_a_patch_lands_centred_on_its_position():
-    mosaic = Mosaic(PIXEL, (16, 16), window="flat")
+    mosaic = Mosaic(PIXEL, make_window((16, 16), "flat"))
     mosaic.add(np.full((16, 16), 2.0, np.float32), (100 * PIXEL, 50 * PIXEL), unique_id=1)
     picture = mosaic.snapshot()
     rows, cols = np.nonzero(picture.covered)
@@ -24,7 +24,7 @@ def test_a_patch_lands_centred_on_its_position():
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.8])
 def test_sub_pixel_positions_shift_the_patch_by_that_fraction(fraction):
-    mosaic = Mosaic(PIXEL, (16, 16), window="flat")
+    mosaic = Mosaic(PIXEL, make_window((16, 16), "flat"))
     ramp = np.tile(np.arange(16, dtype=np.float32), (16, 1))  # value = column within the patch
     x = (100 + fraction) * PIXEL
     mosaic.add(ramp, (x, 50 * PIXEL), unique_id=1)
@@ -37,7 +37,7 @@ def test_sub_pixel_positions_shift_the_patch_by_that_fraction(fraction):
 
 
 def test_overlapping_patches_are_averaged_with_their_window_weights():
-    mosaic = Mosaic(PIXEL, (8, 8), window="hann")
+    mosaic = Mosaic(PIXEL, make_window((8, 8), "hann"))
     mosaic.add(np.full((8, 8), 1.0, np.float32), (0.0, 0.0), 1)
     mosaic.add(np.full((8, 8), 3.0, np.float32), (2 * PIXEL, 0.0), 2)
     picture = mosaic.snapshot()
@@ -53,7 +53,7 @@ def test_overlapping_patches_are_averaged_with_their_window_weights():
 
 
 def test_ids_going_back_or_a_reset_start_a_new_mosaic():
-    mosaic = Mosaic(PIXEL, (8, 8), window="flat")
+    mosaic = Mosaic(PIXEL, make_window((8, 8), "flat"))
     mosaic.add(np.ones((8, 8), np.float32), (0.0, 0.0), 10)
     mosaic.add(np.ones((8, 8), np.float32), (500 * PIXEL, 0.0), 1)  # a new acquisition
     assert mosaic.counts["resets"] == 1
@@ -63,13 +63,13 @@ def test_ids_going_back_or_a_reset_start_a_new_mosaic():
 
 
 def test_frames_without_positions_are_counted_not_stitched():
-    mosaic = Mosaic(PIXEL, (8, 8))
+    mosaic = Mosaic(PIXEL, make_window((8, 8), "hann"))
     mosaic.add(np.ones((8, 8), np.float32), None, 1)
     assert mosaic.counts == {"stitched": 0, "unplaced": 1, "outside": 0, "resets": 0}
 
 
 def test_memory_is_bounded_whatever_the_motors_report():
-    mosaic = Mosaic(PIXEL, (16, 16), max_pixels=200 * 200)
+    mosaic = Mosaic(PIXEL, make_window((16, 16), "hann"), max_pixels=200 * 200)
     rng = np.random.default_rng(0)
     for uid in range(1, 200):
         x, y = rng.uniform(-1e-3, 1e-3, 2)  # up to 100000 pixels apart
@@ -80,7 +80,7 @@ def test_memory_is_bounded_whatever_the_motors_report():
 
 
 def test_a_fixed_extent_keeps_its_size():
-    mosaic = Mosaic(PIXEL, (8, 8), extent_m=(0.0, 100 * PIXEL, 0.0, 50 * PIXEL))
+    mosaic = Mosaic(PIXEL, make_window((8, 8), "hann"), extent_m=(0.0, 100 * PIXEL, 0.0, 50 * PIXEL))
     shape = mosaic.snapshot().phase.shape
     mosaic.add(np.ones((8, 8), np.float32), (50 * PIXEL, 25 * PIXEL), 1)
     mosaic.add(np.ones((8, 8), np.float32), (1000 * PIXEL, 25 * PIXEL), 2)

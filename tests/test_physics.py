@@ -159,14 +159,14 @@ def test_raster_steps_and_centre():
 
 def test_overlap_follows_step_and_beam():
     overlapping = ScanSimulation(small_config(scan=ScanConfig(pattern="raster", points=16, step_m=100e-9)))
-    apart = ScanSimulation(small_config(scan=ScanConfig(pattern="raster", points=16, step_m=600e-9)))
+    apart = ScanSimulation(small_config(scan=ScanConfig(pattern="raster", points=16, step_m=900e-9)))
     beam = overlapping.beam_diameter_m
     assert overlapping.overlap == pytest.approx(1 - 100e-9 / beam)
     assert overlapping.overlap > 0.5 and apart.overlap < 0
     # without overlap, the beam discs of neighbouring points share no illuminated pixel
     n = apart.config.patch_size
     lit = np.abs(apart.probe) ** 2 > 1e-2 * np.max(np.abs(apart.probe) ** 2)
-    shift = int(round(600e-9 / apart.pixel_size_m))
+    shift = int(round(900e-9 / apart.pixel_size_m))
     assert shift < n and not np.any(lit[:, shift:] & lit[:, : n - shift])
 
 
@@ -311,8 +311,9 @@ def test_shipped_model_sees_unseen_shapes():
         engine.close()
     truth = np.stack([sim.phase_patch(i) for i in range(32)])
     beam = np.abs(sim.probe) ** 2 > 0.1 * np.max(np.abs(sim.probe) ** 2)
-    assert phase_rmse(phases[:, beam], truth[:, beam]) < 0.2
-    assert phase_rmse(np.zeros_like(truth[:, beam]), truth[:, beam]) > 0.2  # the scene is not empty
+    error = phase_rmse(phases[:, beam], truth[:, beam])
+    assert error < 0.12  # 0.07 rad when shipped
+    assert error < 0.5 * phase_rmse(np.zeros_like(truth[:, beam]), truth[:, beam])  # far better than "flat"
 
 
 def engine_manifest():

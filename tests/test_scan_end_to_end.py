@@ -40,7 +40,7 @@ def test_live_mosaic_matches_offline_stitching_and_resets_on_a_new_scan(tmp_path
                 final = item
                 break
         assert final is not None
-        expected = offline_mosaic(received, received[0].image.shape, PIXEL)
+        expected = offline_mosaic(received, PIXEL)
         np.testing.assert_allclose(final.image, expected.phase, atol=1e-6)
         assert final.attribute("OriginX") == expected.origin_m[0]
         assert final.attribute("PixelSize") == PIXEL

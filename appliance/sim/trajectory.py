@@ -23,7 +23,7 @@ GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 class ScanConfig:
     pattern: str = field(default=SPIRAL, metadata=check(lambda v: v in (SPIRAL, RASTER), "spiral or raster"))
     points: int = field(default=1000, metadata=check(lambda v: 1 <= v <= 10**7, "1..10000000"))
-    step_m: float = field(default=120e-9, metadata=check(lambda v: 0 < v < 1e-3, "0 < step < 1 mm"))
+    step_m: float = field(default=150e-9, metadata=check(lambda v: 0 < v < 1e-3, "0 < step < 1 mm"))
 
 
 def positions(config: ScanConfig) -> np.ndarray:

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Measure a phase model on a simulated scan: per-patch and stitched accuracy against the truth.
+
+Runs the model through the appliance's own engine loader (ONNX Runtime), so
+what is measured is what the appliance serves. Needs numpy and onnxruntime
+only.
+
+    python scripts/evaluate_ptychonn.py --model engines/ptychonn-small.onnx --frame-size 516
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from typing import Dict, Tuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from appliance.engines import open_engine  # noqa: E402
+from appliance.sim.metrics import phase_rmse, ssim  # noqa: E402
+from appliance.sim.scan import ScanSimulation, SimulationConfig  # noqa: E402
+from appliance.sim.trajectory import ScanConfig  # noqa: E402
+from appliance.demo import accuracy  # noqa: E402
+from appliance.mosaic import Mosaic, MosaicImage  # noqa: E402
+from ptychonn_data import beam_weight, model_input, stitch_weight  # noqa: E402
+
+TEST_SEED = 12345  # the scan the shipped model's figures in docs/model.md refer to
+
+
+def infer(model_path: str, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+    engine = open_engine(model_path, dynamic_batch=batch, cpu_threads=1)
+    try:
+        return np.concatenate([engine.run(inputs[i : i + batch])["phase"] for i in range(0, len(inputs), batch)])
+    finally:
+        engine.close()
+
+
+def evaluate_scan(model_path: str, sim: ScanSimulation) -> Tuple[Dict[str, float], np.ndarray, np.ndarray]:
+    """Figures for one scan, plus the model inputs and inferred phases (for golden pairs and pictures).
+
+    Patch figures count the pixels the beam lights (smoothed intensity > 10% of
+    its peak); the mosaic is stitched by the appliance's own Mosaic with
+    :func:`stitch_weight` and scored as the demo scores it (appliance.demo.accuracy).
+    """
+    indices = list(range(len(sim)))
+    n = sim.config.patch_size
+    inputs = np.concatenate([model_input(sim.frame_batch(indices[i : i + 64]), n) for i in range(0, len(sim), 64)])
+    phases = infer(model_path, inputs)
+    truth = np.stack([sim.phase_patch(i) for i in indices])
+    beam = beam_weight(sim.probe) > 0.1
+    scores = accuracy(sim, stitched(sim, phases))[0]
+    figures = {
+        "patch_rmse_rad": phase_rmse(phases[:, beam], truth[:, beam]),
+        "patch_ssim": float(np.mean([ssim(p, t, beam) for p, t in zip(phases[::10], truth[::10])])),
+        "mosaic_rmse_rad": scores["rmse"],
+        "mosaic_ssim": scores["ssim"],
+        "scanned_pixels": scores["pixels"],
+        "overlap": round(sim.overlap, 3),
+    }
+    return figures, inputs, phases
+
+
+def stitched(sim: ScanSimulation, phases: np.ndarray) -> MosaicImage:
+    mosaic = Mosaic(sim.pixel_size_m, stitch_weight(sim.probe))
+    for index, phase in enumerate(phases):
+        mosaic.add(phase, (float(sim.positions_m[index][0]), float(sim.positions_m[index][1])), index + 1)
+    return mosaic.snapshot()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(ROOT, "engines", "ptychonn-small.onnx"))
+    p.add_argument("--kind", default="shapes", choices=("shapes", "etched"))
+    p.add_argument("--frame-size", type=int, default=128)
+    p.add_argument("--photons", type=float, default=1e6)
+    p.add_argument("--pattern", default="spiral", choices=("spiral", "raster"))
+    p.add_argument("--points", type=int, default=1000)
+    p.add_argument("--step-nm", type=float, default=150.0)
+    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--save", help="write truth, mosaic and weights to this .npz")
+    args = p.parse_args()
+    base = SimulationConfig(seed=args.seed)
+    config = replace(
+        base,
+        sample=replace(base.sample, kind=args.kind),
+        detector=replace(base.detector, frame_size=args.frame_size, photons=args.photons),
+        scan=ScanConfig(pattern=args.pattern, points=args.points, step_m=args.step_nm * 1e-9),
+    )
+    sim = ScanSimulation(config)
+    figures, _, phases = evaluate_scan(args.model, sim)
+    print(json.dumps(figures, indent=1))
+    if args.save:
+        picture = stitched(sim, phases)
+        np.savez_compressed(args.save, truth=sim.object_phase, mosaic=picture.phase, weights=picture.weights,
+                            phases=phases[:16])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
