@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${PTYCHONN_VENV:-.venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+python="${PTYCHONN_PYTHON:-python3}"   # e.g. python3.8, the Jetson's (JetPack 5)
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 extras="cpu,bslz4,dev"
 # systemd-python builds from source: only where its build needs are present (CI installs them).
