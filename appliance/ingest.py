@@ -50,7 +50,7 @@ class Ingest:
         self._counters.received += 1
         self._track_id(unique_id)
         try:
-            image, meta = decode(pv, self._position_names)
+            image, meta = decode(pv, self._position_names, unique_id)
             self._store(image, meta, arrival)
         except FrameError as exc:
             self._drop(exc.reason, str(exc))

@@ -70,16 +70,19 @@ class FrameMeta:
     position: Optional[Tuple[float, float]]  # sample (x, y) from the configured attributes
 
 
-def decode(pv: Any, position_names: Tuple[str, str]) -> Tuple[np.ndarray, FrameMeta]:
+def decode(pv: Any, position_names: Tuple[str, str], unique_id: Optional[int] = None) -> Tuple[np.ndarray, FrameMeta]:
     """The (rows, columns) image and metadata of one received NTNDArray.
 
-    Raises FrameError for anything that does not describe a 2-D image.
+    ``unique_id`` saves reading the field again when the caller has it (each
+    field read builds Python objects). Raises FrameError for anything that does
+    not describe a 2-D image.
     """
+    if unique_id is None:
+        unique_id = int(pv["uniqueId"])
     field = pv.getSelectedUnionFieldName("value")
     if not field:
-        raise FrameError("empty", "uniqueId {}: value union is empty".format(pv["uniqueId"]))
+        raise FrameError("empty", "uniqueId {}: value union is empty".format(unique_id))
     data = pv["value"][0][field]
-    unique_id = int(pv["uniqueId"])
     codec = pv["codec"]
     if codec["name"]:
         data = _decompress(codec, data, int(pv["uncompressedSize"]), unique_id)

@@ -31,6 +31,10 @@ class OnnxRuntimeEngine(Engine):
         except ImportError as exc:
             raise EngineError("{}: onnxruntime is not installed (pip install onnxruntime)".format(path)) from exc
         options = onnxruntime.SessionOptions()
+        # Idle pool threads must sleep, not spin: a spinning worker took up to 0.9 core at 1 kHz from
+        # the pvAccess receive thread on a 2-core machine (docs/benchmarks.md, table 2b).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
