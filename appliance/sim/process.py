@@ -5,6 +5,7 @@ its own process holds its own PVA server, as on the device.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,19 @@ from typing import Any, Dict, Optional
 import yaml
 
 from appliance.pva import read_once
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM it when the process that started it dies, however that happens.
+
+    A demo or test killed mid-run (or crashing) must not leave an appliance serving on.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def write_config(path: str, detector_pv: str, prefix: str, engine_path: Optional[str] = None,
@@ -44,7 +58,7 @@ class ApplianceProcess:
         self._log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "run", "--config", config_path],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True, preexec_fn=_stop_with_parent,
         )
         self.output = ""
 
