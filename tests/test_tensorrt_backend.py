@@ -28,9 +28,9 @@ from appliance.engines.manifest import load_manifest
 from appliance.engines.tensorrt import TensorRtEngine, choose_backend
 from appliance.gpu_inflight import CudaSlot
 from appliance.inflight import make_slots
-from appliance.ntndarray import FrameMeta
 from appliance.ring import FrameRing
 from onnx_models import affine_model
+from harness import fill as fill_ring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -65,14 +65,7 @@ def expected(frames, role):
 
 
 def fill(ring, count, seed=0):
-    """Commit ``count`` random frames to the ring, as ingest would; returns them."""
-    data = np.random.default_rng(seed).uniform(0, 100, (count,) + ring.frame_shape).astype(ring.dtype)
-    for index, image in enumerate(data):
-        slot = ring.reserve()
-        assert slot is not None
-        ring.frames[slot] = image
-        ring.commit(FrameMeta(index, (0, 0, 0), (0, 0, 0), (), None), 0.0)
-    return data
+    return fill_ring(ring, count, seed, high=100.0)
 
 
 # -- loading an engine ------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import pytest
 from appliance import cuda
 from appliance.engines.base import AMPLITUDE, PHASE, BatchSpec
 from appliance.gpu_inflight import CudaSlot
-from appliance.ntndarray import FrameMeta
 from appliance.ring import FrameRing
 from standin_engine import NvrtcEngine
+from harness import fill as fill_ring
 
 SIZE = 128
 
@@ -25,14 +25,7 @@ def pinned(mapped):
 
 
 def fill(ring, count, seed=0):
-    """Commit ``count`` random frames to the ring as ingest would; returns them."""
-    data = np.random.default_rng(seed).uniform(0, 1000, (count,) + ring.frame_shape).astype(ring.dtype)
-    for index, image in enumerate(data):
-        slot = ring.reserve()
-        assert slot is not None
-        ring.frames[slot] = image
-        ring.commit(FrameMeta(index, (0, 0, 0), (0, 0, 0), (), None), time.monotonic())
-    return data
+    return fill_ring(ring, count, seed, high=1000.0)
 
 
 def device_to_numpy(ptr, shape, dtype=np.float32):
