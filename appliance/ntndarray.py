@@ -138,12 +138,17 @@ def _timestamp(value: Mapping[str, int]) -> TimeStamp:
     return int(value["secondsPastEpoch"]), int(value["nanoseconds"]), int(value["userTag"])
 
 
+def attribute_value(attribute: Mapping[str, Any]) -> Any:
+    """The plain value of one received NTAttribute (its ``value`` is a variant union)."""
+    return attribute["value"][0].get("value")
+
+
 def _position(attributes: Sequence[Mapping[str, Any]], names: Tuple[str, str]) -> Optional[Tuple[float, float]]:
     found: Dict[str, float] = {}
     for attribute in attributes:
         name = attribute["name"]
         if name in names:
-            value = attribute["value"][0].get("value")
+            value = attribute_value(attribute)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 found[name] = float(value)
     if names[0] in found and names[1] in found:

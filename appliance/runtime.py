@@ -48,6 +48,7 @@ class Appliance:
         self._status_thread: Optional[threading.Thread] = None
         self._result_listeners: List[Callable[[FrameMeta, Dict[str, np.ndarray]], None]] = []
         self._idle_ticks = 0
+        self._latest_status: Dict[str, object] = {"summary": "starting"}
         self._engines: Optional[EngineManager] = None
         self._backend_reason = ""
         self.mosaic: Optional[Mosaic] = None
@@ -69,6 +70,7 @@ class Appliance:
             self._serve(engine)
         if self._engines is not None:
             self._engines.start()
+        self._publish_status()
         self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
         self._status_thread.start()
 
@@ -191,7 +193,11 @@ class Appliance:
         return self._ring.depth() if self._ring is not None else 0
 
     def status_line(self) -> str:
-        return status_line(self.telemetry.snapshot())
+        return str(self.latest_status()["summary"])
+
+    def latest_status(self) -> Dict[str, object]:
+        """The snapshot last published on P:Status (taken once per period: rates are per period)."""
+        return self._latest_status
 
     def add_status_fields(self, provider: Callable[[], Dict[str, object]]) -> None:
         self.telemetry.add_provider(provider)
@@ -259,6 +265,7 @@ class Appliance:
     def _publish_status(self) -> None:
         snapshot = self.telemetry.snapshot()
         snapshot["summary"] = status_line(snapshot)
+        self._latest_status = snapshot
         if self._status is not None:
             try:
                 self._status.publish(snapshot)

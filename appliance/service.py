@@ -264,7 +264,7 @@ class _Service:
 
     def _send_status(self) -> None:
         line = self._appliance.status_line()
-        jetson = jetson_stats.summary(jetson_stats.jetson_status())
+        jetson = jetson_stats.summary(self._appliance.latest_status())
         self._notify("STATUS=" + (line + "; " + jetson if jetson else line))
 
     def _reload(self) -> None:

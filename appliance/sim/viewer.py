@@ -8,11 +8,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from appliance.ntndarray import FrameError, FrameMeta, decode
+from appliance.ntndarray import FrameError, FrameMeta, attribute_value, decode
 from appliance.pva import FrameSource
 
 
@@ -29,7 +29,7 @@ class Received:
     def attribute(self, name: str) -> Any:
         for entry in self.meta.attributes:
             if entry["name"] == name:
-                return entry["value"][0].get("value")
+                return attribute_value(entry)
         raise KeyError(name)
 
 
@@ -81,6 +81,3 @@ def latencies_ms(items: List[Received]) -> np.ndarray:
     sent = np.array([m.meta.timestamp[0] + m.meta.timestamp[1] * 1e-9 for m in items])
     return (np.array([m.arrived for m in items]) - sent) * 1e3
 
-
-def attributes_of(meta: FrameMeta) -> Dict[str, Any]:
-    return {entry["name"]: entry["value"][0].get("value") for entry in meta.attributes}
