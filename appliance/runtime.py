@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class Appliance:
-    def __init__(self, config: Config, config_path: Optional[str] = None) -> None:
+    def __init__(self, config: Config, config_path: Optional[str] = None, pinned_ring: Optional[bool] = None) -> None:
+        """``pinned_ring``: None decides by backend; False forces pageable memory (the naive baseline of benchmarks)."""
         self.config = config
         self.config_path = config_path
+        self._pinned_ring = pinned_ring
+        self._backend = ""
         self.telemetry = Telemetry(config.publish.latency_window)
         self.telemetry.add_provider(self._status_fields)
         self._server: Optional[Server] = None
@@ -55,9 +58,14 @@ class Appliance:
         self._mosaic_record: Optional[ImageRecord] = None
 
     # -- lifecycle ---------------------------------------------------------------
-    def start(self) -> None:
-        """Serve; raises EngineError when a configured engine file cannot serve."""
-        engine = self._initial_engine()
+    def start(self, engine: Optional[Engine] = None) -> None:
+        """Serve ``engine``, else the configured or newest good engine file.
+
+        Raises EngineError when a configured engine file cannot serve. Passing an
+        engine object (benchmarks, embedding) bypasses the engines directory.
+        """
+        if engine is None:
+            engine = self._initial_engine()
         self._server = Server()
         prefix = self.config.publish.prefix
         self._status = self._server.add_status(prefix + ":Status")
@@ -77,8 +85,8 @@ class Appliance:
     def _initial_engine(self) -> Optional[Engine]:
         """The configured file (which must serve), else the newest good one in the engines directory."""
         engine_config = self.config.engine
-        backend, self._backend_reason = choose_backend(engine_config.backend)
-        log.info("backend %s (%s)", backend, self._backend_reason)
+        self._backend, self._backend_reason = choose_backend(engine_config.backend)
+        log.info("backend %s (%s)", self._backend, self._backend_reason)
         if engine_config.path:
             return validate(engine_config.path, engine_config, self.config.pipeline.max_batch, None)
         self._engines = EngineManager(engine_config, self.config.pipeline.max_batch, self._engine_accepted)
@@ -90,6 +98,7 @@ class Appliance:
         if self._pipeline is None:
             self._serve(engine)
         else:
+            self._add_output_records(engine)
             self._pipeline.swap_engine(engine)
 
     def _serve(self, engine: Engine) -> None:
@@ -98,8 +107,7 @@ class Appliance:
         self._ring = FrameRing(
             config.pipeline.ring_capacity, engine.io.image_shape, engine.io.input.dtype, self._allocator(engine)
         )
-        if AMPLITUDE in engine.io.outputs and self._server is not None:
-            self._images[AMPLITUDE] = self._server.add_image(config.publish.prefix + ":Amplitude")
+        self._add_output_records(engine)
         self._start_mosaic(engine)
         if self._engines is not None:
             self._engines.stream = StreamSpec(self._ring.frame_shape, self._ring.dtype)
@@ -114,6 +122,11 @@ class Appliance:
         self._source.start()
         self._state = "serving"
         log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
+
+    def _add_output_records(self, engine: Engine) -> None:
+        """P:Amplitude appears with the first engine that has an amplitude output, and then stays."""
+        if AMPLITUDE in engine.io.outputs and AMPLITUDE not in self._images and self._server is not None:
+            self._images[AMPLITUDE] = self._server.add_image(self.config.publish.prefix + ":Amplitude")
 
     def _start_mosaic(self, engine: Engine) -> None:
         settings = self.config.mosaic
@@ -216,7 +229,12 @@ class Appliance:
             listener(meta, images)
 
     def _allocator(self, engine: Engine) -> Callable[[int], object]:
-        if engine.runs_on_gpu:
+        """Pinned memory for a GPU engine, and on a TensorRT device from the start: an ONNX model
+        served by ONNX Runtime there is replaced by its built engine, which then reads the same ring."""
+        pinned = engine.runs_on_gpu or self._backend == "tensorrt"
+        if self._pinned_ring is not None:
+            pinned = self._pinned_ring
+        if pinned:
             from appliance.cuda import PinnedBuffer
 
             return PinnedBuffer

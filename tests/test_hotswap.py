@@ -195,3 +195,17 @@ def test_the_service_keeps_serving_whatever_the_directory_does(setup):
     rejected = [v for v in app.details()["engine_verdicts"] if not v["accepted"]]
     assert rejected and all("not a loadable ONNX model" in v["reason"] for v in rejected)
     assert "cannot" in app.details()["engine_directory_error"] or app.process.poll() is None
+
+
+def test_an_amplitude_output_arriving_with_a_later_engine_gets_its_pv(setup):
+    engines, models, app = setup["engines"], setup["models"], setup["app"]
+    install(str(engines / "both.onnx"), model_bytes(models, "b.onnx", scale=2.0, amplitude_name="amp"))
+    assert app.wait_verdict("both.onnx")["accepted"]
+    amplitude = Collector(app.prefix + ":Amplitude")  # raises unless the PV now exists
+    stream = Stream(setup["detector"])
+    first = amplitude.wait_for(50, timeout=20)[0].unique_id  # the swap lands between batches
+    last = stream.stop()
+    received = amplitude.wait_for(last - first + 1, timeout=20)
+    assert [r.unique_id for r in received] == list(range(first, last + 1))
+    for item in received:
+        np.testing.assert_array_equal(item.image, np.float32(0.5) * frame(item.unique_id).astype(np.float32))
