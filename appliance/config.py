@@ -73,6 +73,11 @@ class EngineConfig:
     settle_s: float = field(default=1.0, metadata=check(lambda v: 0 <= v <= 600, "0..600 s"))
     max_file_mb: int = field(default=2048, metadata=check(lambda v: v >= 1, ">= 1"))
     fault_limit: int = field(default=3, metadata=check(lambda v: v >= 1, ">= 1"))
+    auto_build: str = field(
+        default="fp16",
+        metadata=check(lambda v: v in ("off", "fp32", "fp16", "int8"), "off, fp32, fp16 or int8 (Q/DQ models only)"),
+    )
+    build_cache: Optional[str] = None  # default: $STATE_DIRECTORY/engine-cache under systemd, else ~/.cache
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ looked at only once written (closed, then quiet for ``engine.settle_s``),
 validated on this thread, and handed to the pipeline, which swaps between
 batches. A file that fails is remembered by content and not tried again until it
 changes; whatever the directory holds, the engine that serves keeps serving.
+
+On a TensorRT device an ONNX model has a better form: the engine built from it
+(:mod:`appliance.engines.autobuild`). The manager serves that once it is built
+and valid, and the ONNX model itself on ONNX Runtime until then, or after the
+built engine fails.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from appliance.config import EngineConfig
-from appliance.engines import is_engine_file, open_engine
+from appliance.engines import ONNX_SUFFIXES, is_engine_file, open_engine
+from appliance.engines.autobuild import EngineBuilds
 from appliance.engines.base import Engine, EngineError, run_padded
 from appliance.engines.manifest import load_golden, load_manifest, manifest_path
 
@@ -161,14 +167,17 @@ class EngineManager:
         dynamic_batch: int,
         serve: Callable[[Engine], None],
         history: int = 20,
+        builds: Optional[EngineBuilds] = None,
     ) -> None:
         self._config = config
-        self._directory = config.directory
+        self._builds = builds
+        self._directory = os.path.normpath(config.directory)
         self._dynamic_batch = dynamic_batch
         self._serve = serve
         self.stream: Optional[StreamSpec] = None
-        self.active_path: Optional[str] = None
+        self.active_path: Optional[str] = None  # the file in the directory that serves...
         self._active_key: Optional[str] = None
+        self._serving: Optional[Tuple[str, str]] = None  # ...through this file and content key (its built engine)
         self._rejected: Dict[str, str] = {}  # content key -> reason
         self._keys: Dict[str, Tuple[Tuple[Tuple[int, int], ...], str]] = {}  # path -> (stamp, content key)
         self._last_event: Dict[str, float] = {}  # name -> monotonic time of its last change
@@ -194,6 +203,8 @@ class EngineManager:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._builds is not None:
+            self._builds.stop()
 
     def rescan(self) -> None:
         """Look at every file again (SIGHUP / systemctl reload), settled ones at once."""
@@ -214,7 +225,9 @@ class EngineManager:
         return self._select()
 
     def status(self) -> Dict[str, object]:
+        builds = self._builds.status() if self._builds is not None else {}
         return {
+            **builds,
             "engine_swaps": self.swaps,
             "engine_rejections": self.rejections,
             "engine_directory_error": self._directory_error or "",
@@ -228,12 +241,14 @@ class EngineManager:
     def _run(self) -> None:
         watcher = _Watcher(self._directory)
         try:
+            self._reconcile()  # what landed between select_initial() and the watch
             while not self._stop.is_set():
                 for name, closed in watcher.events(self._timeout(), self._wake):
                     self._note_event(name, closed)
                 self._wake.clear()
                 self._handle_faults()
-                if self._settled_now() or watcher.polling:
+                build_finished = self._builds is not None and self._builds.poll()
+                if self._settled_now() or watcher.polling or build_finished:
                     self._reconcile()
         except Exception:  # the service goes on with the engine it has
             log.exception("engine manager stopped; the serving engine stays")
@@ -264,16 +279,18 @@ class EngineManager:
                 del self._last_event[name]
                 self._writing.pop(name, None)
             rescan, self._rescan_requested = self._rescan_requested, False
+        if rescan and self._builds is not None:
+            self._builds.forget_failures()
         return bool(ready) or rescan
 
     def _handle_faults(self) -> None:
         with self._lock:
             faults, self._faults = self._faults, []
         for path, reason in faults:
-            if path != self.active_path or self._active_key is None:
+            if self._serving is None or path != self._serving[0]:
                 continue
-            self._reject(path, self._active_key, "failed at run time: {}".format(reason))
-            self.active_path, self._active_key = None, None
+            self._reject(path, self._serving[1], "failed at run time: {}".format(reason))
+            self.active_path, self._active_key, self._serving = None, None, None
             self._reconcile()
 
     def _reconcile(self) -> None:
@@ -283,26 +300,52 @@ class EngineManager:
             self.swaps += 1
 
     def _select(self) -> Optional[Engine]:
-        """The newest file that validates, unless that is the one already serving."""
+        """The newest file that validates, unless that is the one already serving in its best form."""
         for path in self._candidates():
             if path == self.active_path and self._unchanged(path):
-                return None
+                return self._upgrade()
             try:
                 key = self._key(path)
             except OSError:
                 continue  # vanished since listing
-            if key in self._rejected:
-                continue
-            try:
-                engine = validate(path, self._config, self._dynamic_batch, self.stream)
-            except EngineError as exc:
-                self._reject(path, key, str(exc))
-                continue
-            self.active_path, self._active_key = path, key
-            self._verdict(path, key, True, "accepted: " + engine.describe())
-            return engine
+            engine = self._first_valid(path, key, self._forms(path, key))
+            if engine is not None:
+                return engine
         if self.active_path and not os.path.exists(self.active_path):
             log.warning("%s was removed and no other engine validates; it keeps serving from memory", self.active_path)
+        return None
+
+    def _forms(self, path: str, key: str) -> List[str]:
+        """The files that can serve for ``path``, best first: its built TensorRT engine when ready, then itself."""
+        if self._builds is None or not path.lower().endswith(ONNX_SUFFIXES):
+            return [path]
+        built = self._builds.engine_for(path, key)
+        return [built, path] if built else [path]
+
+    def _upgrade(self) -> Optional[Engine]:
+        """The engine built for the ONNX model that ONNX Runtime serves, once the build is done."""
+        if self._serving is None or self._serving[0] != self.active_path or self._active_key is None:
+            return None
+        path, key = self.active_path, self._active_key
+        return self._first_valid(path, key, self._forms(path, key)[:-1])
+
+    def _first_valid(self, path: str, key: str, forms: List[str]) -> Optional[Engine]:
+        """The first of ``forms`` (of the directory's file ``path``) that validates; failures are remembered."""
+        for form in forms:
+            try:
+                form_key = key if form == path else self._key(form)
+            except OSError:
+                continue
+            if form_key in self._rejected:
+                continue
+            try:
+                engine = validate(form, self._config, self._dynamic_batch, self.stream)
+            except EngineError as exc:
+                self._reject(form, form_key, str(exc))
+                continue
+            self.active_path, self._active_key, self._serving = path, key, (form, form_key)
+            self._verdict(form, form_key, True, "accepted: " + engine.describe())
+            return engine
         return None
 
     def _unchanged(self, path: str) -> bool:
@@ -335,7 +378,7 @@ class EngineManager:
         with self._lock:
             writing = {n for n, w in self._writing.items() if w} | set(self._last_event)
         present = {os.path.join(self._directory, name) for name in names}
-        for gone in [p for p in self._keys if p not in present]:
+        for gone in [p for p in self._keys if os.path.dirname(p) == self._directory and p not in present]:
             del self._keys[gone]
         stamped = []
         for name in names:

@@ -16,7 +16,8 @@ import numpy as np
 
 from appliance.config import Config, load_config
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
-from appliance.engines.tensorrt import choose_backend
+from appliance.engines.autobuild import BuildSettings, EngineBuilds, default_cache_directory
+from appliance.engines.tensorrt import choose_backend, import_tensorrt
 from appliance.engines.manifest import load_manifest
 from appliance.hotswap import EngineManager, StreamSpec, validate
 from appliance.mosaic import Mosaic, make_window
@@ -89,9 +90,25 @@ class Appliance:
         log.info("backend %s (%s)", self._backend, self._backend_reason)
         if engine_config.path:
             return validate(engine_config.path, engine_config, self.config.pipeline.max_batch, None)
-        self._engines = EngineManager(engine_config, self.config.pipeline.max_batch, self._engine_accepted)
+        self._engines = EngineManager(engine_config, self.config.pipeline.max_batch, self._engine_accepted,
+                                      builds=self._engine_builds())
         self.telemetry.add_provider(self._engines.status)
         return self._engines.select_initial()
+
+    def _engine_builds(self) -> Optional[EngineBuilds]:
+        """Background TensorRT builds of deployed ONNX models, where TensorRT runs and they are wanted."""
+        engine_config, pipeline = self.config.engine, self.config.pipeline
+        if self._backend != "tensorrt" or engine_config.auto_build == "off":
+            return None
+        settings = BuildSettings(engine_config.auto_build, pipeline.max_batch, pipeline.in_flight,
+                                 str(import_tensorrt().__version__))
+        directory = engine_config.build_cache or default_cache_directory()
+        try:
+            return EngineBuilds(directory, settings)
+        except OSError as exc:
+            log.error("ONNX models will not be built into TensorRT engines: cannot use %s: %s",
+                      directory, exc.strerror or exc)
+            return None
 
     def _engine_accepted(self, engine: Engine) -> None:
         """A new engine from the manager: start serving, or swap it in between batches."""

@@ -21,9 +21,7 @@ import fake_tensorrt
 from appliance import cuda
 from appliance.engines import open_engine
 from appliance.engines.base import BatchSpec, EngineError
-from appliance.engines.build import (
-    BuildError, BuildOptions, add_arguments, build_engine, cached_engine_path, main, start_background_build,
-)
+from appliance.engines.build import BuildError, BuildOptions, add_arguments, build_engine, main
 from appliance.engines.manifest import load_manifest
 from appliance.engines.tensorrt import TensorRtEngine, choose_backend
 from appliance.gpu_inflight import CudaSlot
@@ -390,13 +388,3 @@ def _qdq_model(path):
     onnx.save(model, path)
     return path
 
-
-def test_deployed_onnx_models_are_built_in_a_low_priority_child(tmp_path, monkeypatch):
-    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
-    cached = cached_engine_path(onnx, str(tmp_path / "cache"), "fp16")
-    assert os.path.basename(cached).startswith("m-") and cached.endswith("-fp16.engine")
-    assert cached == cached_engine_path(onnx, str(tmp_path / "cache"), "fp16")  # by content: stable
-    monkeypatch.setenv("PYTHONPATH", ROOT)
-    child = start_background_build(str(tmp_path / "missing.onnx"), cached)
-    output, _ = child.communicate(timeout=60)
-    assert child.returncode == 1 and b"missing.onnx: no such ONNX file" in output

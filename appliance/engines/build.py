@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -372,24 +370,6 @@ def _write(path: str, serialized: memoryview, manifest: Manifest) -> str:
     os.replace(manifest_part, path + ".yaml")
     os.replace(part, path)
     return path
-
-
-# -- background builds for deployed ONNX models ------------------------------------------------
-def cached_engine_path(onnx_path: str, cache_dir: str, precision: str = "fp16") -> str:
-    """Where the engine built from this exact ONNX file (by content) is kept."""
-    stem = os.path.splitext(os.path.basename(onnx_path))[0]
-    return os.path.join(cache_dir, "{}-{}-{}.engine".format(stem, file_sha256(onnx_path)[:16], precision))
-
-
-def start_background_build(onnx_path: str, output: str, precision: str = "fp16",
-                           extra_args: Sequence[str] = ()) -> subprocess.Popen:
-    """Build in a child process at the lowest CPU priority, so the live stream keeps its cores."""
-    command = [sys.executable, "-m", "appliance.engines.build", onnx_path, "--output", output,
-               "--precision", precision] + list(extra_args)
-    nice = shutil.which("nice")
-    if nice:
-        command = [nice, "-n", "19"] + command
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 # -- command line ----------------------------------------------------------------------------

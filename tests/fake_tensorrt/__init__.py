@@ -6,6 +6,10 @@ API and ``fake_cudart.py`` cuda-python's runtime module, closely enough for
 and ``appliance.engines.build`` to run end to end with numpy doing the "GPU"
 work. Each install loads a fresh copy, so state never leaks between tests, and
 goes through ``monkeypatch`` so the real modules (on a GPU machine) come back.
+
+Child processes (an appliance under test, its background engine builds) get the
+fakes through :func:`child_environment`: ``child/sitecustomize.py`` installs them
+at interpreter start-up, for good, in every process started with that environment.
 """
 import importlib.util
 import os
@@ -13,6 +17,9 @@ import sys
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CHILD_SITE = os.path.join(HERE, "child")
+VERSION_VARIABLE = "FAKE_TENSORRT_VERSION"
+BUILD_GATE_VARIABLE = "FAKE_TENSORRT_BUILD_GATE"  # fake_trt.BUILD_GATE_VARIABLE: builds wait for this file
 CUDA_MODULES = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.bindings.utils", "cuda.cudart")
 
 
@@ -87,3 +94,30 @@ def write_engine(path, trt, tensors, profiles=(), op=None, **overrides):
     with open(path, "wb") as handle:
         handle.write(trt.serialize(description))
     return path
+
+
+class _ForGood:
+    """``monkeypatch``'s setitem/setattr without the undo, for a process that lives to use the fakes."""
+
+    @staticmethod
+    def setitem(mapping, key, value):
+        mapping[key] = value
+
+    @staticmethod
+    def setattr(target, name, value):
+        setattr(target, name, value)
+
+
+def install_in_this_process():
+    """What ``child/sitecustomize.py`` runs: the fakes, with the version the parent asked for."""
+    install_tensorrt(_ForGood, install_cuda(_ForGood), os.environ.get(VERSION_VARIABLE, "8.5.2.2"))
+
+
+def child_environment(env, version="8.5.2.2"):
+    """``env`` plus what makes a child Python process, and its own children, run on the fakes."""
+    env = dict(env)
+    tests = os.path.dirname(HERE)
+    paths = [CHILD_SITE, tests, os.path.dirname(tests)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env[VERSION_VARIABLE] = version
+    return env
