@@ -28,7 +28,7 @@ import numpy as np
 from appliance.config import EngineConfig
 from appliance.engines import ONNX_SUFFIXES, is_engine_file, open_engine
 from appliance.engines.autobuild import EngineBuilds
-from appliance.engines.base import Engine, EngineError, run_padded
+from appliance.engines.base import Engine, EngineError, file_sha256, run_padded
 from appliance.engines.manifest import load_golden, load_manifest, manifest_path
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,12 @@ def is_candidate(name: str) -> bool:
     return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES) and is_engine_file(name)
 
 
-def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream: Optional[StreamSpec]) -> Engine:
-    """Load ``path`` and prove it can serve this stream; raises EngineError saying why not."""
+def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream: Optional[StreamSpec],
+             sha256: Optional[str] = None) -> Engine:
+    """Load ``path`` and prove it can serve this stream; raises EngineError saying why not.
+
+    ``sha256``: the file's, when the caller has just hashed it (engines can be large).
+    """
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -73,7 +77,7 @@ def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream:
     limit = engine_config.max_file_mb * 1024 * 1024
     if size > limit:
         raise EngineError("{}: {} bytes, more than engine.max_file_mb ({} MiB)".format(path, size, engine_config.max_file_mb))
-    engine = open_engine(path, dynamic_batch, engine_config.cpu_threads)
+    engine = open_engine(path, dynamic_batch, engine_config.cpu_threads, sha256)
     try:
         _check_fits_stream(engine, stream)
         _warm_up(engine)
@@ -141,17 +145,23 @@ def _stamp(path: str) -> Tuple[Tuple[int, int], ...]:
     return tuple(stamps)
 
 
-def content_key(path: str) -> str:
-    """sha256 of the file, combined with its sidecar manifest's: either changing makes a new candidate."""
-    digest = hashlib.sha256()
-    for part in (path, manifest_path(path)):
-        try:
-            with open(part, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        except FileNotFoundError:
-            digest.update(b"\0absent")
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class Content:
+    """What a candidate is, by content: the file is read once for both hashes."""
+
+    key: str  # the file's and its sidecar manifest's: either changing makes a new candidate
+    sha256: str  # the file's alone: what users compare with sha256sum, and manifests name
+
+
+def content_of(path: str) -> Content:
+    sha256 = file_sha256(path)
+    digest = hashlib.sha256(sha256.encode())
+    try:
+        with open(manifest_path(path), "rb") as handle:
+            digest.update(handle.read())
+    except FileNotFoundError:
+        digest.update(b"\0absent")
+    return Content(digest.hexdigest(), sha256)
 
 
 class EngineManager:
@@ -176,10 +186,10 @@ class EngineManager:
         self._serve = serve
         self.stream: Optional[StreamSpec] = None
         self.active_path: Optional[str] = None  # the file in the directory that serves...
-        self._active_key: Optional[str] = None
-        self._serving: Optional[Tuple[str, str]] = None  # ...through this file and content key (its built engine)
+        self._active: Optional[Content] = None
+        self._serving: Optional[Tuple[str, Content]] = None  # ...through this file (its built engine, say)
         self._rejected: Dict[str, str] = {}  # content key -> reason
-        self._keys: Dict[str, Tuple[Tuple[Tuple[int, int], ...], str]] = {}  # path -> (stamp, content key)
+        self._contents: Dict[str, Tuple[Tuple[Tuple[int, int], ...], Content]] = {}  # path -> (stamp, content)
         self._last_event: Dict[str, float] = {}  # name -> monotonic time of its last change
         self._writing: Dict[str, bool] = {}  # name -> modified but not yet closed
         self.verdicts: Deque[Verdict] = collections.deque(maxlen=history)
@@ -290,7 +300,7 @@ class EngineManager:
             if self._serving is None or path != self._serving[0]:
                 continue
             self._reject(path, self._serving[1], "failed at run time: {}".format(reason))
-            self.active_path, self._active_key, self._serving = None, None, None
+            self.active_path, self._active, self._serving = None, None, None
             self._reconcile()
 
     def _reconcile(self) -> None:
@@ -305,64 +315,64 @@ class EngineManager:
             if path == self.active_path and self._unchanged(path):
                 return self._upgrade()
             try:
-                key = self._key(path)
+                content = self._content(path)
             except OSError:
                 continue  # vanished since listing
-            engine = self._first_valid(path, key, self._forms(path, key))
+            engine = self._first_valid(path, content, self._forms(path, content))
             if engine is not None:
                 return engine
         if self.active_path and not os.path.exists(self.active_path):
             log.warning("%s was removed and no other engine validates; it keeps serving from memory", self.active_path)
         return None
 
-    def _forms(self, path: str, key: str) -> List[str]:
+    def _forms(self, path: str, content: Content) -> List[str]:
         """The files that can serve for ``path``, best first: its built TensorRT engine when ready, then itself."""
         if self._builds is None or not path.lower().endswith(ONNX_SUFFIXES):
             return [path]
-        built = self._builds.engine_for(path, key)
+        built = self._builds.engine_for(path, content.key)
         return [built, path] if built else [path]
 
     def _upgrade(self) -> Optional[Engine]:
         """The engine built for the ONNX model that ONNX Runtime serves, once the build is done."""
-        if self._serving is None or self._serving[0] != self.active_path or self._active_key is None:
+        if self._serving is None or self._serving[0] != self.active_path or self._active is None:
             return None
-        path, key = self.active_path, self._active_key
-        return self._first_valid(path, key, self._forms(path, key)[:-1])
+        path, content = self.active_path, self._active
+        return self._first_valid(path, content, self._forms(path, content)[:-1])
 
-    def _first_valid(self, path: str, key: str, forms: List[str]) -> Optional[Engine]:
+    def _first_valid(self, path: str, content: Content, forms: List[str]) -> Optional[Engine]:
         """The first of ``forms`` (of the directory's file ``path``) that validates; failures are remembered."""
         for form in forms:
             try:
-                form_key = key if form == path else self._key(form)
+                form_content = content if form == path else self._content(form)
             except OSError:
                 continue
-            if form_key in self._rejected:
+            if form_content.key in self._rejected:
                 continue
             try:
-                engine = validate(form, self._config, self._dynamic_batch, self.stream)
+                engine = validate(form, self._config, self._dynamic_batch, self.stream, form_content.sha256)
             except EngineError as exc:
-                self._reject(form, form_key, str(exc))
+                self._reject(form, form_content, str(exc))
                 continue
-            self.active_path, self._active_key, self._serving = path, key, (form, form_key)
-            self._verdict(form, form_key, True, "accepted: " + engine.describe())
+            self.active_path, self._active, self._serving = path, content, (form, form_content)
+            self._verdict(form, form_content, True, "accepted: " + engine.describe())
             return engine
         return None
 
     def _unchanged(self, path: str) -> bool:
         try:
-            return self._key(path) == self._active_key
+            return self._content(path) == self._active
         except OSError:
             return False
 
-    def _key(self, path: str) -> str:
-        """The content key, rehashed only when the file's or its manifest's size or mtime changed."""
+    def _content(self, path: str) -> Content:
+        """Hashed again only when the file's or its manifest's size or mtime changed."""
         stamp = _stamp(path)
-        cached = self._keys.get(path)
+        cached = self._contents.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        key = content_key(path)
-        self._keys[path] = (stamp, key)
-        return key
+        content = content_of(path)
+        self._contents[path] = (stamp, content)
+        return content
 
     def _candidates(self) -> List[str]:
         """Engine files, newest first, that are not being written."""
@@ -378,8 +388,8 @@ class EngineManager:
         with self._lock:
             writing = {n for n, w in self._writing.items() if w} | set(self._last_event)
         present = {os.path.join(self._directory, name) for name in names}
-        for gone in [p for p in self._keys if os.path.dirname(p) == self._directory and p not in present]:
-            del self._keys[gone]
+        for gone in [p for p in self._contents if os.path.dirname(p) == self._directory and p not in present]:
+            del self._contents[gone]
         stamped = []
         for name in names:
             if not is_candidate(name) or name in writing:
@@ -391,15 +401,16 @@ class EngineManager:
                 continue
         return [path for _, path in sorted(stamped, reverse=True)]
 
-    def _reject(self, path: str, key: str, reason: str) -> None:
-        self._rejected[key] = reason
+    def _reject(self, path: str, content: Content, reason: str) -> None:
+        self._rejected[content.key] = reason
         self.rejections += 1
-        self._verdict(path, key, False, reason)
+        self._verdict(path, content, False, reason)
 
-    def _verdict(self, path: str, key: str, accepted: bool, reason: str) -> None:
-        verdict = Verdict(os.path.basename(path), key, accepted, reason, time.time())
+    def _verdict(self, path: str, content: Content, accepted: bool, reason: str) -> None:
+        verdict = Verdict(os.path.basename(path), content.sha256, accepted, reason, time.time())
         self.verdicts.append(verdict)
-        fields = {"ENGINE_FILE": path, "ENGINE_SHA256": key, "ENGINE_VERDICT": "accepted" if accepted else "rejected"}
+        fields = {"ENGINE_FILE": path, "ENGINE_SHA256": content.sha256,
+                  "ENGINE_VERDICT": "accepted" if accepted else "rejected"}
         if accepted:
             log.info("engine %s", reason, extra=fields)
         else:

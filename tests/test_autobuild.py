@@ -20,7 +20,7 @@ import pytest
 import fake_tensorrt
 from appliance.config import EngineConfig
 from appliance.engines.autobuild import BuildSettings, EngineBuilds
-from appliance.engines.base import PHASE, Engine, run_padded
+from appliance.engines.base import PHASE, Engine, file_sha256, run_padded
 from appliance.hotswap import EngineManager
 from appliance.sim.detector import DetectorServer
 from harness import ApplianceProcess, Collector, write_config
@@ -99,7 +99,8 @@ def test_onnx_serves_at_once_then_its_built_engine_and_the_cache_survives_a_rest
         np.testing.assert_allclose(phase_of(built, frames), phase_of(first, frames), rtol=1e-6)
         status = setup.manager.status()
         assert status["engine_builds"] == 1 and status["engine_build"] == "idle"
-        assert status["engine_verdicts"][-1]["accepted"] and status["engine_verdicts"][-1]["file"] == built.name
+        verdict = status["engine_verdicts"][-1]
+        assert verdict["accepted"] and verdict["file"] == built.name and verdict["sha256"] == file_sha256(built.path)
     finally:
         setup.manager.stop()
 

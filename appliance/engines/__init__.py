@@ -21,8 +21,11 @@ def is_engine_file(path: str) -> bool:
     return path.lower().endswith(ENGINE_SUFFIXES)
 
 
-def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0) -> Engine:
-    """Load ``path`` with the backend its type calls for, after checking the manifest's sha256."""
+def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0, sha256: Optional[str] = None) -> Engine:
+    """Load ``path`` with the backend its type calls for, after checking the manifest's sha256.
+
+    ``sha256``: the file's, when the caller has just computed it.
+    """
     if not os.path.isfile(path):
         raise EngineError("{}: no such engine file".format(path))
     if not is_engine_file(path):
@@ -31,7 +34,7 @@ def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0) -> Engi
         )
     manifest = load_manifest(path)
     try:
-        sha256 = file_sha256(path)
+        sha256 = sha256 or file_sha256(path)
     except OSError as exc:
         raise EngineError("{}: cannot read: {}".format(path, exc)) from exc
     _check_sha256(path, sha256, manifest)
