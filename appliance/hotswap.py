@@ -74,6 +74,8 @@ def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream:
         raise EngineError("{}: cannot read: {}".format(path, exc.strerror or exc)) from exc
     if size == 0:
         raise EngineError("{}: empty file".format(path))
+    if engine_config.backend == "onnxruntime" and not path.lower().endswith(ONNX_SUFFIXES):
+        raise EngineError("{}: a TensorRT engine, but engine.backend is onnxruntime".format(path))
     limit = engine_config.max_file_mb * 1024 * 1024
     if size > limit:
         raise EngineError("{}: {} bytes, more than engine.max_file_mb ({} MiB)".format(path, size, engine_config.max_file_mb))

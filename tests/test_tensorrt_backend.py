@@ -19,11 +19,13 @@ import yaml
 
 import fake_tensorrt
 from appliance import cuda
+from appliance.config import EngineConfig
 from appliance.engines import open_engine
 from appliance.engines.base import BatchSpec, EngineError
 from appliance.engines.build import BuildError, BuildOptions, add_arguments, build_engine, main
 from appliance.engines.manifest import load_manifest
 from appliance.engines.tensorrt import TensorRtEngine, choose_backend
+from appliance.hotswap import validate
 from appliance.gpu_inflight import CudaSlot
 from appliance.inflight import make_slots
 from appliance.ring import FrameRing
@@ -181,6 +183,19 @@ def test_auto_backend_prefers_tensorrt_only_where_it_can_run(monkeypatch):
     assert choose_backend("auto") == ("tensorrt", "auto: TensorRT 8.5.2.2 on Xavier (compute capability 8.6, discrete)")
     with pytest.raises(ValueError, match="expected one of auto, onnxruntime, tensorrt"):
         choose_backend("cuda")
+
+
+def test_backend_tensorrt_insists_and_onnxruntime_refuses_engine_files(monkeypatch, tmp_path):
+    cudart = fake_tensorrt.install_cuda(monkeypatch, count=0)
+    fake_tensorrt.install_tensorrt(monkeypatch, cudart)
+    with pytest.raises(EngineError, match="engine.backend is tensorrt, but TensorRT 8.5.2.2 is installed but CUDA"):
+        choose_backend("tensorrt")
+    trt = fake_tensorrt.install_tensorrt(monkeypatch, fake_tensorrt.install_cuda(monkeypatch, name="Xavier"))
+    assert choose_backend("tensorrt")[1].startswith("engine.backend is tensorrt: TensorRT 8.5.2.2 on Xavier")
+    engine_file = affine_engine(tmp_path / "m.engine", trt)
+    assert validate(engine_file, EngineConfig(backend="tensorrt"), 8, None).backend == "tensorrt"
+    with pytest.raises(EngineError, match="m.engine: a TensorRT engine, but engine.backend is onnxruntime"):
+        validate(engine_file, EngineConfig(backend="onnxruntime"), 8, None)
 
 
 # -- in-flight slots ---------------------------------------------------------------------------

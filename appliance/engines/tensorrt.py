@@ -64,21 +64,32 @@ def version_tuple(version: str) -> Tuple[int, int]:
 
 
 def choose_backend(requested: str) -> Tuple[str, str]:
-    """(backend, why) for ``engine.backend``: ``auto`` takes TensorRT when it and a CUDA device work."""
+    """(backend, why) for ``engine.backend``: ``auto`` takes TensorRT when it and a CUDA device work.
+
+    ``tensorrt`` insists: where it cannot run, starting fails with the reason
+    rather than quietly serving from the CPU.
+    """
     if requested not in BACKENDS:
         raise ValueError("engine backend {!r}; expected one of {}".format(requested, ", ".join(BACKENDS)))
-    if requested != "auto":
-        return requested, "engine.backend is {} in the configuration".format(requested)
+    if requested == "onnxruntime":
+        return requested, "engine.backend is onnxruntime in the configuration"
+    usable, why = _tensorrt_usable()
+    if requested == "tensorrt":
+        if not usable:
+            raise EngineError("engine.backend is tensorrt, but {}".format(why))
+        return requested, "engine.backend is tensorrt: {}".format(why)
+    return ("tensorrt" if usable else "onnxruntime"), "auto: {}".format(why)
+
+
+def _tensorrt_usable() -> Tuple[bool, str]:
     try:
         tensorrt = import_tensorrt()
     except EngineError as exc:
-        return "onnxruntime", "auto: {}".format(exc)
+        return False, str(exc)
     usable, device = cuda.available()
     if not usable:
-        return "onnxruntime", "auto: TensorRT {} is installed but CUDA is not usable: {}".format(
-            tensorrt.__version__, device
-        )
-    return "tensorrt", "auto: TensorRT {} on {}".format(tensorrt.__version__, device)
+        return False, "TensorRT {} is installed but CUDA is not usable: {}".format(tensorrt.__version__, device)
+    return True, "TensorRT {} on {}".format(tensorrt.__version__, device)
 
 
 def make_logger(trt: Any) -> Any:
