@@ -39,6 +39,7 @@ class FrameSource:
         self._request = monitor_request(queue_size)
         self._callback = callback
         self._channel: Any = None
+        self._overruns_when_stopped = 0
 
     def start(self) -> None:
         self._channel = _pvaccess().Channel(self.pv_name)
@@ -50,11 +51,13 @@ class FrameSource:
     def overruns(self) -> int:
         """Updates the server had to discard because its queue for us was full."""
         if self._channel is None:
-            return 0
+            return self._overruns_when_stopped
         return int(self._channel.getMonitorCounters().get("nOverruns", 0))
 
     def stop(self) -> None:
+        """Stop monitoring; :meth:`overruns` keeps the final count (the last status reports it)."""
         if self._channel is not None:
+            self._overruns_when_stopped = self.overruns()
             self._channel.stopMonitor()
             self._channel = None
 

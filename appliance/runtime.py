@@ -268,10 +268,20 @@ class Appliance:
             "engine_backend": engine.backend if engine else "",
             "backend_choice": self._backend_reason,
             "queue_depth": self.queue_depth(),
+            "ring_memory": self._ring_memory(),
             "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,
             "detector_connected": self._source is not None and self._source.connected(),
         }
+
+    def _ring_memory(self) -> str:
+        """pageable, pinned, or pinned and mapped (the GPU reads frames in place: no copy-in at all)."""
+        if self._ring is None:
+            return ""
+        memory = self._ring.memory
+        if isinstance(memory, HostBuffer):
+            return "pageable"
+        return "pinned, mapped" if memory.device_ptr is not None else "pinned"
 
     def _status_loop(self) -> None:
         """P:Status and P:Mosaic, each at its own period, off the pipeline thread."""

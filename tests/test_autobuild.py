@@ -187,6 +187,7 @@ def test_the_appliance_streams_on_through_the_swap_to_the_built_engine(trt_devic
         assert app.wait_ready()["engine_backend"] == "onnxruntime"
         details = app.details()
         assert details["backend_choice"] == "auto: TensorRT 8.5.2.2 on Fake GPU (compute capability 8.6, discrete)"
+        assert details["ring_memory"] == "pinned"  # for the engine to come, though ONNX Runtime serves first
         collector = Collector(prefix + ":Phase")
         rng = np.random.default_rng(1)
         frames = [rng.integers(1, 1000, (SIZE, SIZE)).astype(np.uint16) for _ in range(4000)]

@@ -97,14 +97,15 @@ def compile_cubin(compute_capability: Tuple[int, int]) -> bytes:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels() -> Dict[str, Any]:
-    """Compiled and loaded once per process; kernel name -> CUfunction."""
+def _kernels() -> Tuple[Any, Dict[str, Any]]:
+    """Compiled and loaded once per process: (the primary context, kernel name -> CUfunction)."""
     driver, _, runtime = _modules()
     _check("cudaFree(0)", runtime.cudaFree(0))  # makes the primary context current for the driver calls
+    context = _check("cuCtxGetCurrent", driver.cuCtxGetCurrent())
     cubin = compile_cubin(cuda.device_info().compute_capability)
     module = _check("cuModuleLoadData", driver.cuModuleLoadData(cubin))
-    return {name: _check("cuModuleGetFunction", driver.cuModuleGetFunction(module, name.encode()))
-            for name in ("standin_f32", "standin_f16")}
+    return context, {name: _check("cuModuleGetFunction", driver.cuModuleGetFunction(module, name.encode()))
+                     for name in ("standin_f32", "standin_f16")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +141,8 @@ class NvrtcEngine(Engine):
         )
         super().__init__("standin-{}x{}.nvrtc".format(size, size), io, "0" * 64)
         self.scale, self.offset = scale, offset
-        self._kernel = _kernels()["standin_f16" if np.dtype(dtype) == np.float16 else "standin_f32"]
+        self._context, kernels = _kernels()
+        self._kernel = kernels["standin_f16" if np.dtype(dtype) == np.float16 else "standin_f32"]
         self.spin_cycles = int(spin_us * clock_cycles_per_us()) if spin_us > 0 else 0
 
     @property
@@ -159,6 +161,9 @@ class NvrtcEngine(Engine):
         n = batch * int(np.prod(self.io.input.frame_shape))
         args = ((x, phase, amplitude, n, self.scale, self.offset, spin), _ARG_TYPES)
         grid = (n + BLOCK - 1) // BLOCK
+        # The driver API needs the context current on this thread (the pipeline's), which no runtime
+        # call may have done yet there: on an integrated GPU no copy precedes the launch.
+        _check("cuCtxSetCurrent", driver.cuCtxSetCurrent(self._context))
         launch = driver.cuLaunchKernel(self._kernel, grid, 1, 1, BLOCK, 1, 1, 0, driver.CUstream(stream), args, 0)
         _check("cuLaunchKernel", launch)
 
