@@ -759,19 +759,25 @@ def _trial_line(trial: Dict[str, Any]) -> str:
     return text + " | CPU us/frame {} | others' load {} cores".format(trial["cpu_us_per_frame"], trial["other_load_cores"])
 
 
+def add_sweep_arguments(parser: argparse.ArgumentParser, rates: List[float], duration: float, start_delay: float,
+                        queue_help: str) -> None:
+    """The options every sweep of simulator trials has (here and in scripts/gpu_fullpath_bench.py)."""
+    parser.add_argument("--rates", type=lambda text: [float(rate) for rate in text.split(",")], default=rates,
+                        help="sweep: frame rates in Hz, comma-separated")
+    parser.add_argument("--duration", type=float, default=duration, help="sweep: seconds of streaming per trial")
+    parser.add_argument("--queue-size", type=int, default=1000, help=queue_help)
+    parser.add_argument("--start-delay", type=float, default=start_delay,
+                        help="seconds from launch to the simulator's first frame (consumers must be connected by then)")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_stream", description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("sweep", "soak", "stages", "report", "trial", "soak-run"),
                         help="report prints the tables of an --out file; trial and soak-run are the isolated "
                              "children of sweep and soak")
-    parser.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")], default=[500, 1000, 2000, 3000, 4000],
-                        help="sweep: frame rates in Hz, comma-separated")
-    parser.add_argument("--duration", type=float, default=15.0, help="sweep: seconds of streaming per trial")
+    add_sweep_arguments(parser, [500, 1000, 2000, 3000, 4000], duration=15.0, start_delay=10.0,
+                        queue_help="server-side monitor queue for both consumers (detector.queue_size and -sqs)")
     parser.add_argument("--repeats", type=int, default=3, help="sweep: trials per rate")
-    parser.add_argument("--queue-size", type=int, default=1000,
-                        help="server-side monitor queue for both consumers (detector.queue_size and -sqs)")
-    parser.add_argument("--start-delay", type=float, default=10.0,
-                        help="seconds from launch to the simulator's first frame (consumers must be connected by then)")
     parser.add_argument("--start-delay-trial", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=2500.0, help="soak: frame rate in Hz")
     parser.add_argument("--frames", type=int, default=1000000, help="soak: frames to publish")

@@ -693,22 +693,18 @@ def sweep_main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")],
-                        default=[2000.0, 5000.0, 10000.0, 15000.0, 20000.0], help="frame rates in Hz, comma-separated")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds of streaming per trial")
+    bench_stream.add_sweep_arguments(parser, [2000.0, 5000.0, 10000.0, 15000.0, 20000.0], duration=3.0,
+                                     start_delay=5.0, queue_help="detector.queue_size (both variants)")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["pinned", "naive"],
                         help="which of pinned,naive to run")
     parser.add_argument("--compute-us", type=float, default=250.0,
                         help="stand-in GPU compute per batch, microseconds (as scripts/gpu_bench.py)")
     parser.add_argument("--batch", type=int, default=8, help="pipeline.max_batch and the engine's batch")
-    parser.add_argument("--queue-size", type=int, default=1000, help="detector.queue_size (both variants)")
     parser.add_argument("--subscriber-queue", type=int, default=10000,
                         help="server-side queue of the output subscriber's monitor")
     parser.add_argument("--max-p99-ms", type=float, default=100.0,
                         help="a rate is sustained only if the appliance's p99 latency stays under this (a backlog "
                              "growing in the ring shows here before the ring overflows)")
-    parser.add_argument("--start-delay", type=float, default=5.0,
-                        help="seconds from the simulator's launch to its first frame (doubled on a retry)")
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="no trial is started that would end after this many seconds of the sweep")
     parser.add_argument("--cpu", action="store_true",
