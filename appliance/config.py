@@ -79,6 +79,16 @@ class EngineConfig:
     )
     build_cache: Optional[str] = None  # default: $STATE_DIRECTORY/engine-cache under systemd, else ~/.cache
 
+    def __post_init__(self) -> None:
+        if self.build_cache is None:
+            return
+        cache, engines = os.path.abspath(self.build_cache), os.path.abspath(self.directory)
+        if os.path.commonpath([cache, engines]) in (cache, engines):
+            raise ValueError(
+                "engine.build_cache ({}) and engine.directory ({}) must not contain one another: the cache "
+                "deletes its old engines, and the directory is watched for deployed ones".format(cache, engines)
+            )
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -153,7 +163,8 @@ def _resolve_paths(config: Config, base: str) -> Config:
     engine = config.engine
     directory = os.path.join(base, engine.directory)
     path = os.path.join(base, engine.path) if engine.path else None
-    return replace(config, engine=replace(engine, directory=directory, path=path))
+    cache = os.path.join(base, engine.build_cache) if engine.build_cache else None
+    return replace(config, engine=replace(engine, directory=directory, path=path, build_cache=cache))
 
 
 def dump_config(config: Config) -> str:

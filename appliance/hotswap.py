@@ -21,14 +21,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
 from appliance.config import EngineConfig
 from appliance.engines import ONNX_SUFFIXES, is_engine_file, open_engine
 from appliance.engines.autobuild import EngineBuilds
-from appliance.engines.base import Engine, EngineError, file_sha256, run_padded
+from appliance.engines.base import BackendUnavailable, Engine, EngineError, file_sha256, run_padded
 from appliance.engines.manifest import load_golden, load_manifest, manifest_path
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ class EngineManager:
         self._active: Optional[Content] = None
         self._serving: Optional[Tuple[str, Content]] = None  # ...through this file (its built engine, say)
         self._rejected: Dict[str, str] = {}  # content key -> reason
+        self._unjudged: Set[str] = set()  # content keys of ONNX models whose runtime is missing: built, not run
         self._contents: Dict[str, Tuple[Tuple[Tuple[int, int], ...], Content]] = {}  # path -> (stamp, content)
         self._last_event: Dict[str, float] = {}  # name -> monotonic time of its last change
         self._writing: Dict[str, bool] = {}  # name -> modified but not yet closed
@@ -238,15 +239,16 @@ class EngineManager:
 
     def status(self) -> Dict[str, object]:
         builds = self._builds.status() if self._builds is not None else {}
+        verdicts = list(self.verdicts)  # the manager thread appends meanwhile
         return {
             **builds,
             "engine_swaps": self.swaps,
             "engine_rejections": self.rejections,
             "engine_directory_error": self._directory_error or "",
             "engine_verdicts": [
-                {"file": v.name, "sha256": v.sha256, "accepted": v.accepted, "reason": v.reason} for v in self.verdicts
+                {"file": v.name, "sha256": v.sha256, "accepted": v.accepted, "reason": v.reason} for v in verdicts
             ],
-            "last_rejection": next((v.describe() for v in reversed(self.verdicts) if not v.accepted), ""),
+            "last_rejection": next((v.describe() for v in reversed(verdicts) if not v.accepted), ""),
         }
 
     # -- the manager thread ---------------------------------------------------------
@@ -301,7 +303,10 @@ class EngineManager:
         for path, reason in faults:
             if self._serving is None or path != self._serving[0]:
                 continue
-            self._reject(path, self._serving[1], "failed at run time: {}".format(reason))
+            message = "failed at run time: {}".format(reason)
+            self._reject(path, self._serving[1], message)
+            if path != self.active_path and self._builds is not None and self.active_path and self._active:
+                self._builds.discard(self.active_path, self._active.key, message)
             self.active_path, self._active, self._serving = None, None, None
             self._reconcile()
 
@@ -320,26 +325,35 @@ class EngineManager:
                 content = self._content(path)
             except OSError:
                 continue  # vanished since listing
-            engine = self._first_valid(path, content, self._forms(path, content))
+            engine = self._first_valid(path, content, self._built_forms(path, content) + [path])
             if engine is not None:
                 return engine
+            if content.key in self._unjudged:
+                self._request_build(path, content)
         if self.active_path and not os.path.exists(self.active_path):
             log.warning("%s was removed and no other engine validates; it keeps serving from memory", self.active_path)
         return None
 
-    def _forms(self, path: str, content: Content) -> List[str]:
-        """The files that can serve for ``path``, best first: its built TensorRT engine when ready, then itself."""
+    def _built_forms(self, path: str, content: Content) -> List[str]:
+        """The TensorRT engine built from the ONNX model ``path``, if there is one: it serves before the model."""
         if self._builds is None or not path.lower().endswith(ONNX_SUFFIXES):
-            return [path]
-        built = self._builds.engine_for(path, content.key)
-        return [built, path] if built else [path]
+            return []
+        built = self._builds.built(path, content.key)
+        return [built] if built else []
+
+    def _request_build(self, path: str, content: Content) -> None:
+        if self._builds is not None and path.lower().endswith(ONNX_SUFFIXES):
+            self._builds.request(path, content.key, content.sha256)
 
     def _upgrade(self) -> Optional[Engine]:
         """The engine built for the ONNX model that ONNX Runtime serves, once the build is done."""
         if self._serving is None or self._serving[0] != self.active_path or self._active is None:
             return None
         path, content = self.active_path, self._active
-        return self._first_valid(path, content, self._forms(path, content)[:-1])
+        engine = self._first_valid(path, content, self._built_forms(path, content))
+        if engine is None:
+            self._request_build(path, content)  # a build that waited for another one, or one retried on rescan
+        return engine
 
     def _first_valid(self, path: str, content: Content, forms: List[str]) -> Optional[Engine]:
         """The first of ``forms`` (of the directory's file ``path``) that validates; failures are remembered."""
@@ -354,9 +368,15 @@ class EngineManager:
                 engine = validate(form, self._config, self._dynamic_batch, self.stream, form_content.sha256)
             except EngineError as exc:
                 self._reject(form, form_content, str(exc))
+                if form != path and self._builds is not None:
+                    self._builds.discard(path, content.key, str(exc))
+                elif isinstance(exc, BackendUnavailable):
+                    self._unjudged.add(content.key)
                 continue
             self.active_path, self._active, self._serving = path, content, (form, form_content)
             self._verdict(form, form_content, True, "accepted: " + engine.describe())
+            if form == path:
+                self._request_build(path, content)
             return engine
         return None
 

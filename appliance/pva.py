@@ -50,9 +50,10 @@ class FrameSource:
 
     def overruns(self) -> int:
         """Updates the server had to discard because its queue for us was full."""
-        if self._channel is None:
+        channel = self._channel  # stop() may run meanwhile, on another thread
+        if channel is None:
             return self._overruns_when_stopped
-        return int(self._channel.getMonitorCounters().get("nOverruns", 0))
+        return int(channel.getMonitorCounters().get("nOverruns", 0))
 
     def stop(self) -> None:
         """Stop monitoring; :meth:`overruns` keeps the final count (the last status reports it)."""

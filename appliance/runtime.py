@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from appliance.config import Config, load_config
+from appliance.cuda import device_info
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.autobuild import BuildSettings, EngineBuilds, default_cache_directory
 from appliance.engines.tensorrt import choose_backend, import_tensorrt
@@ -100,8 +101,10 @@ class Appliance:
         engine_config, pipeline = self.config.engine, self.config.pipeline
         if self._backend != "tensorrt" or engine_config.auto_build == "off":
             return None
+        gpu = device_info()
+        gpu_model = "{} sm{}{}".format(gpu.name, *gpu.compute_capability)
         settings = BuildSettings(engine_config.auto_build, pipeline.max_batch, pipeline.in_flight,
-                                 str(import_tensorrt().__version__))
+                                 str(import_tensorrt().__version__), gpu_model)
         directory = engine_config.build_cache or default_cache_directory()
         try:
             return EngineBuilds(directory, settings)
@@ -291,7 +294,10 @@ class Appliance:
         while not self._stop_status.wait(max(0.0, min(due.values()) - time.monotonic())):
             for task, when in list(due.items()):
                 if time.monotonic() >= when:
-                    task()
+                    try:
+                        task()
+                    except Exception:  # the next period tries again; the service goes on without this one
+                        log.exception("publishing %s failed", task.__name__)
                     due[task] = when + periods[task]
 
     def _publish_mosaic(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
+import sys
 import queue
 import time
 from typing import Callable, Dict
@@ -21,7 +23,7 @@ import fake_tensorrt
 from appliance.config import EngineConfig
 from appliance.engines.autobuild import BuildSettings, EngineBuilds
 from appliance.engines.base import PHASE, Engine, file_sha256, run_padded
-from appliance.hotswap import EngineManager
+from appliance.hotswap import EngineManager, StreamSpec
 from appliance.sim.detector import DetectorServer
 from harness import ApplianceProcess, Collector, write_config
 from onnx_models import affine_model
@@ -48,7 +50,7 @@ class Directory:
         self.engines = tmp_path / "engines"
         self.engines.mkdir(exist_ok=True)
         self.cache = str(tmp_path / "cache")
-        self.settings = BuildSettings(precision, 8, 2, trt.__version__)
+        self.settings = BuildSettings(precision, 8, 2, trt.__version__, "Fake GPU sm86")
         self.served: "queue.Queue[Engine]" = queue.Queue()
         self.manager = self.new_manager()
 
@@ -73,6 +75,17 @@ def niceness(pid: int) -> int:
         return int(handle.read().rsplit(")", 1)[1].split()[16])
 
 
+def read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def builds_log(cache: str) -> str:
+    """The log of the one build in ``cache``."""
+    (name,) = [n for n in os.listdir(cache) if n.endswith(".engine.log")]
+    return os.path.join(cache, name)
+
+
 def phase_of(engine: Engine, frames: np.ndarray) -> np.ndarray:
     return run_padded(engine, frames.reshape((-1,) + engine.io.image_shape))[PHASE]
 
@@ -89,15 +102,23 @@ def test_onnx_serves_at_once_then_its_built_engine_and_the_cache_survives_a_rest
     assert first is not None and first.backend == "onnxruntime" and first.name == "m.onnx"
     building = re.match(r"building m\.onnx \(fp16, pid (\d+)\) for \d+ s$", setup.manager.status()["engine_build"])
     assert building, setup.manager.status()
-    assert niceness(int(building.group(1))) == 19
+    log_path = builds_log(setup.cache)
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while "this takes a while" not in read(log_path):  # the build's log is the only sign of its progress
+        assert time.monotonic() < deadline, read(log_path)
+        time.sleep(0.05)
+    pid = int(building.group(1))
+    assert niceness(pid) == 19
+    with open("/proc/{}/oom_score_adj".format(pid)) as handle:
+        assert handle.read().strip() == "1000"  # short of memory, the kernel kills the build, not the service
     gate.touch()
     setup.manager.start()
     try:
         built = setup.next_served()
         assert built.backend == "tensorrt" and os.path.dirname(built.path) == setup.cache
-        assert built.name.startswith("m-") and built.name.endswith("-fp16-b8x2-trt8.5.2.2.engine")
+        assert built.name.startswith("m-") and built.name.endswith("-fp16-b8x2-trt8.5.2.2-Fake_GPU_sm86.engine")
         np.testing.assert_allclose(phase_of(built, frames), phase_of(first, frames), rtol=1e-6)
-        status = setup.manager.status()
+        status = setup.wait_status(lambda s: s["engine_build"] == "idle")  # the engine is whole before its child exits
         assert status["engine_builds"] == 1 and status["engine_build"] == "idle"
         verdict = status["engine_verdicts"][-1]
         assert verdict["accepted"] and verdict["file"] == built.name and verdict["sha256"] == file_sha256(built.path)
@@ -117,6 +138,7 @@ def test_a_failing_built_engine_gives_way_to_its_onnx_model_and_is_not_rebuilt(t
     try:
         built = setup.next_served()
         assert built.backend == "tensorrt"
+        setup.wait_status(lambda s: s["engine_build"] == "idle")
         setup.manager.report_fault(built, "3 failed batches in a row")
         fallback = setup.next_served()
         assert fallback.backend == "onnxruntime" and fallback.name == "m.onnx"
@@ -125,6 +147,7 @@ def test_a_failing_built_engine_gives_way_to_its_onnx_model_and_is_not_rebuilt(t
         reason = "failed at run time: 3 failed batches in a row"
         assert [(v["file"], v["reason"]) for v in rejected] == [(built.name, reason)]
         assert status["engine_build"] == "idle" and status["engine_builds"] == 1
+        assert not os.path.exists(built.path)  # removed: a restart builds it afresh
     finally:
         setup.manager.stop()
 
@@ -143,6 +166,60 @@ def test_a_failed_build_is_reported_kept_out_of_the_way_and_retried_on_rescan(tr
         setup.manager.rescan()
         status = setup.wait_status(lambda s: s["engine_build_failures"] == 2)
         assert status["engine_builds"] == 0 and setup.served.empty()
+    finally:
+        setup.manager.stop()
+
+
+def test_an_onnx_model_that_onnx_runtime_rejects_is_not_built(trt_device, tmp_path):
+    setup = Directory(tmp_path, trt_device)
+    affine_model(str(setup.engines / "m.onnx"), size=SIZE)
+    assert setup.manager.select_initial().name == "m.onnx"
+    setup.manager.stream = StreamSpec((SIZE, SIZE), np.dtype(np.float32))  # as the appliance's ring fixes it
+    affine_model(str(setup.engines / "wrong.onnx"), size=2 * SIZE)  # newer, and the wrong input size
+    setup.manager.start()
+    try:
+        assert setup.next_served().backend == "tensorrt"  # m.onnx's engine: wrong.onnx was rejected first
+        status = setup.wait_status(lambda s: s["engine_build"] == "idle")
+        rejected = [v for v in status["engine_verdicts"] if not v["accepted"]]
+        assert [v["file"] for v in rejected] == ["wrong.onnx"]
+        assert "a different input needs a restart" in rejected[0]["reason"]
+        assert status["engine_builds"] == 1 and status["engine_build"] == "idle"
+        assert [n for n in os.listdir(setup.cache) if n.startswith("wrong")] == []
+    finally:
+        setup.manager.stop()
+
+
+def test_without_onnx_runtime_the_model_is_built_and_then_served(trt_device, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # a Jetson without it; the fake GPU keeps its own
+    setup = Directory(tmp_path, trt_device)
+    affine_model(str(setup.engines / "m.onnx"), size=SIZE, scale=2.0)
+    assert setup.manager.select_initial() is None
+    assert "m.onnx: onnxruntime is not installed" in setup.manager.status()["last_rejection"]
+    setup.manager.start()
+    try:
+        built = setup.next_served()
+        assert built.backend == "tensorrt" and built.name.startswith("m-")
+        frames = np.ones((2, 1, SIZE, SIZE), np.float32)
+        np.testing.assert_array_equal(phase_of(built, frames), 2 * frames.reshape(2, SIZE, SIZE))
+    finally:
+        setup.manager.stop()
+
+
+def test_a_cache_that_cannot_be_used_costs_the_builds_not_the_service(trt_device, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        EngineBuilds(str(tmp_path / "file" / "cache"), BuildSettings("fp16", 8, 2, "8.5.2.2", "Fake GPU sm86"))
+    setup = Directory(tmp_path, trt_device)
+    shutil.rmtree(setup.cache)  # gone after start-up (a full disk, an operator's rm -r)
+    affine_model(str(setup.engines / "m.onnx"), size=SIZE)
+    serving = setup.manager.select_initial()
+    assert serving is not None and serving.backend == "onnxruntime"
+    status = setup.manager.status()
+    assert status["engine_build_failures"] == 1 and "cannot start the engine build" in status["engine_build_last"]
+    setup.manager.start()
+    try:
+        affine_model(str(setup.engines / "n.onnx"), size=SIZE, scale=2.0)  # the manager still swaps
+        assert setup.next_served().name == "n.onnx"
     finally:
         setup.manager.stop()
 

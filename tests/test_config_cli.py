@@ -62,10 +62,19 @@ def test_cross_field_constraint_names_both_keys():
 
 def test_relative_engine_paths_are_relative_to_the_config_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("engine: {directory: engines, path: engines/m.onnx}\n")
+    path.write_text("engine: {directory: engines, path: engines/m.onnx, build_cache: cache}\n")
     config = load_config(str(path))
     assert config.engine.directory == str(tmp_path / "engines")
     assert config.engine.path == str(tmp_path / "engines" / "m.onnx")
+    assert config.engine.build_cache == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("cache", ["/srv/engines", "/srv/engines/cache", "/srv"])
+def test_the_build_cache_and_the_engines_directory_must_be_apart(cache):
+    with pytest.raises(SchemaError, match=r"engine.build_cache \({}\) and engine.directory \(/srv/engines\) must not".format(
+            cache)):
+        parse_config("engine: {{directory: /srv/engines, build_cache: {}}}".format(cache))
+    parse_config("engine: {directory: /srv/engines, build_cache: /srv/engine-cache}")
 
 
 def test_check_config_prints_the_effective_config_or_the_errors(tmp_path):

@@ -24,6 +24,10 @@ class EngineError(RuntimeError):
     """An engine file that cannot serve: the message says what, where and what was expected."""
 
 
+class BackendUnavailable(EngineError):
+    """The file was not judged: the library its type needs is not installed here."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor as the model declares it, without the batch axis."""

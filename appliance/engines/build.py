@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -58,6 +59,7 @@ class BuildOptions:
     crop: Optional[Tuple[int, int, int, int]] = None  # default: the ONNX manifest's preprocess
     bin: Optional[int] = None
     workspace_mb: int = 1024
+    expect_sha256: Optional[str] = None  # build only this content of the ONNX file (it may be replaced meanwhile)
 
     @property
     def cache_path(self) -> str:
@@ -78,7 +80,7 @@ def build_engine(options: BuildOptions, say: Callable[[str], None] = print) -> s
     os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)  # the calibration cache goes there
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    network = _parse(trt, builder, logger, options.onnx)
+    network, onnx_sha256 = _parse(trt, builder, logger, options.onnx, options.expect_sha256)
     tensor = network.get_input(0)
     dims = tuple(int(d) for d in tensor.shape)
     dynamic = dims[0] == -1
@@ -104,7 +106,7 @@ def build_engine(options: BuildOptions, say: Callable[[str], None] = print) -> s
         reason = logger.errors_since(mark) or "no reason logged"
         raise BuildError("TensorRT could not build {}: {}".format(options.onnx, reason))
     say("built in {:.1f} s".format(time.monotonic() - started))
-    manifest = _engine_manifest(options, source_manifest, trt, dims, quantization, calibrator)
+    manifest = _engine_manifest(options, source_manifest, trt, dims, quantization, calibrator, onnx_sha256)
     return _write(options.output, memoryview(serialized), manifest)
 
 
@@ -132,7 +134,8 @@ def _source_manifest(onnx_path: str) -> Manifest:
         raise BuildError(str(exc)) from exc
 
 
-def _parse(trt: Any, builder: Any, logger: Any, onnx_path: str) -> Any:
+def _parse(trt: Any, builder: Any, logger: Any, onnx_path: str, expect_sha256: Optional[str]) -> Tuple[Any, str]:
+    """The network, and the sha256 of the very bytes it was parsed from."""
     # 10.x networks are always explicit-batch (the flag is deprecated); 8.x needs it asked for.
     flags = 0
     if version_tuple(trt.__version__) < (10, 0):
@@ -140,9 +143,14 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: str) -> Any:
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     with open(onnx_path, "rb") as handle:
-        if not parser.parse(handle.read()):
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise BuildError("TensorRT cannot parse {}: {}".format(onnx_path, "; ".join(errors) or "no reason given"))
+        model = handle.read()
+    sha256 = hashlib.sha256(model).hexdigest()
+    if expect_sha256 and sha256 != expect_sha256:
+        raise BuildError("{} changed before it could be built (sha256 {}, expected {}); its new content is built "
+                         "on its own".format(onnx_path, sha256, expect_sha256))
+    if not parser.parse(model):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError("TensorRT cannot parse {}: {}".format(onnx_path, "; ".join(errors) or "no reason given"))
     if network.num_inputs != 1:
         raise BuildError("{}: model has {} inputs; expected exactly one image input".format(
             onnx_path, network.num_inputs))
@@ -150,7 +158,7 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: str) -> Any:
     if len(dims) < 3 or any(d <= 0 for d in dims[1:]):
         raise BuildError("{}: input shape {}; expected (batch, [1,] H, W) with only the batch axis dynamic".format(
             onnx_path, list(dims)))
-    return network
+    return network, sha256
 
 
 def _add_profiles(builder: Any, config: Any, name: str, dims: Tuple[int, ...], options: BuildOptions) -> List[Any]:
@@ -314,7 +322,7 @@ def make_calibrator(trt: Any, frames: np.ndarray, batch: int, cache_path: str) -
 
 
 def _engine_manifest(options: BuildOptions, source: Manifest, trt: Any, dims: Tuple[int, ...], quantization: str,
-                     calibrator: Any) -> Manifest:
+                     calibrator: Any, onnx_sha256: str) -> Manifest:
     info = cuda.device_info()
     opt = options.opt_batch or options.max_batch
     if dims[0] == -1:
@@ -328,7 +336,7 @@ def _engine_manifest(options: BuildOptions, source: Manifest, trt: Any, dims: Tu
         "precision": options.precision,
         "input_dtype": options.input_dtype,
         "batch": batch,
-        "source": "{} sha256 {}".format(os.path.basename(options.onnx), file_sha256(options.onnx)),
+        "source": "{} sha256 {}".format(os.path.basename(options.onnx), onnx_sha256),
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if quantization == "q/dq":
@@ -391,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="crop of the calibration frames (default: the model manifest's preprocess)")
     parser.add_argument("--bin", type=int, help="binning of the calibration frames (default: the model manifest's)")
     parser.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (default 1024 MiB)")
+    parser.add_argument("--expect-sha256", metavar="HEX",
+                        help="build only if the ONNX file has this sha256 (it may be replaced while waiting)")
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
@@ -400,7 +410,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         profiles=args.profiles, input_dtype=args.input_dtype, calibration=args.calibration,
         calibration_dataset=args.calibration_dataset, calibration_frames=args.calibration_frames,
         calibration_cache=args.calibration_cache, crop=tuple(args.crop) if args.crop else None, bin=args.bin,
-        workspace_mb=args.workspace_mb,
+        workspace_mb=args.workspace_mb, expect_sha256=args.expect_sha256,
     )
 
 

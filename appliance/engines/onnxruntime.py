@@ -5,7 +5,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from appliance.engines.base import BatchSpec, Engine, EngineError, EngineIO, TensorSpec, assign_output_roles
+from appliance.engines.base import (
+    BackendUnavailable, BatchSpec, Engine, EngineError, EngineIO, TensorSpec, assign_output_roles,
+)
 from appliance.engines.manifest import Manifest
 
 _ORT_TYPES = {
@@ -29,7 +31,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             import onnxruntime
         except ImportError as exc:
-            raise EngineError("{}: onnxruntime is not installed (pip install onnxruntime)".format(path)) from exc
+            raise BackendUnavailable("{}: onnxruntime is not installed (pip install onnxruntime)".format(path)) from exc
         options = onnxruntime.SessionOptions()
         # Idle pool threads must sleep, not spin: a spinning worker took up to 0.9 core at 1 kHz from
         # the pvAccess receive thread on a 2-core machine (docs/benchmarks.md, table 2b).

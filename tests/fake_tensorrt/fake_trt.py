@@ -24,6 +24,8 @@ import struct
 import time
 
 import numpy as np
+import onnxruntime as _onnxruntime  # the fake "GPU" runs ONNX engines with it; held here, so a test can hide
+                                    # onnxruntime from the appliance alone (as on a Jetson without it)
 
 __version__ = "8.5.2.2"
 cudart = None  # the fake CUDA runtime this fake TensorRT's "GPU" is; set on install
@@ -163,9 +165,7 @@ class ICudaEngine:
         self._op = description["op"]
         self._session = None
         if self._op["kind"] == "onnx":
-            import onnxruntime
-
-            self._session = onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])
+            self._session = _onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])
         self.profiles_in_use = set()
         self.executions = []  # (batch, input frames) of every execution, for tests
         self.description = description
