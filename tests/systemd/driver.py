@@ -357,6 +357,29 @@ def stop() -> Dict[str, Any]:
     return {"last_id": last_id, "final": final, "phase_ids": phase_ids(), "journal": journal()[-3000:]}
 
 
+@step("autobuild")
+def autobuild() -> Dict[str, Any]:
+    """On a TensorRT device (the FAKE TensorRT and GPU, through a drop-in), the sandboxed service builds
+    the deployed ONNX model in a child process and swaps the engine in."""
+    checkout = params["checkout"]
+    fake = "{0}/tests/fake_tensorrt/child:{0}/tests:{0}".format(checkout)
+    dropin = DROPIN_DIR + "/70-fake-tensorrt.conf"
+    write(dropin, "[Service]\nEnvironment=PYTHONPATH={}\nEnvironment=FAKE_TENSORRT_VERSION=8.5.2.2\n".format(fake))
+    sh("systemctl", "daemon-reload")
+    sh("systemctl", "reset-failed", UNIT)
+    try:
+        started = sh("systemctl", "start", UNIT)
+        built = wait_until(unit_when(lambda s: "trt8.5.2.2" in s["StatusText"]), 60, "the built engine serving")
+        cache = STATE + "/state/engine-cache"
+        files = {name: sh("stat", "-c", "%U %a", os.path.join(cache, name))["output"].strip()
+                 for name in sorted(os.listdir(cache))}
+        return {"start": started, "built": built, "cache": files, "journal": journal()[-4000:]}
+    finally:
+        sh("systemctl", "stop", UNIT)
+        os.unlink(dropin)
+        sh("systemctl", "daemon-reload")
+
+
 @step("broken_config")
 def broken_config() -> Dict[str, Any]:
     write(CONFIG_DIR + "/config.yaml", "pipeline:\n  max_batch: 0\nno_such_section: {}\n")
@@ -387,6 +410,7 @@ def main() -> None:
         reload()
         watchdog()
         stop()
+        autobuild()
     broken_config()
     uninstall()
     for unit in ("test-collector.service", "test-detector.service", "test-sshd.service"):

@@ -261,6 +261,20 @@ def test_stop_drains_every_received_frame_and_exits_0(run):
     assert len(_gaps(ids)) == 1 and _gaps(ids)[0] >= len(_step(run, "reload")["phase_ids"]), _gaps(ids)
 
 
+def test_a_deployed_onnx_model_is_built_by_a_sandboxed_child_and_swapped_in(run):
+    built = _step(run, "autobuild")
+    assert built["start"]["rc"] == 0, built
+    status = built["built"]["StatusText"]
+    assert "engine second-" in status and "-fp16-b8x2-trt8.5.2.2-Fake_GPU_sm86.engine" in status, status
+    engines = [name for name in built["cache"] if name.endswith(".engine")]
+    assert len(engines) == 1 and built["cache"][engines[0]].startswith("ptychonn-edge ")
+    assert set(built["cache"]) == {engines[0], engines[0] + ".yaml", engines[0] + ".log"}
+    journal = built["journal"]
+    assert "building a fp16 TensorRT engine for /var/lib/ptychonn-edge/engines/second.onnx" in journal
+    assert "built " + engines[0] + " from second.onnx" in journal
+    assert "OOM score" not in journal and "cannot start the engine build" not in journal
+
+
 def test_a_broken_config_fails_once_with_the_error_in_the_journal(run):
     broken = _step(run, "broken_config")
     assert broken["start"]["rc"] != 0
