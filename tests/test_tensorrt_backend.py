@@ -21,7 +21,7 @@ import fake_tensorrt
 from appliance import cuda
 from appliance.config import EngineConfig
 from appliance.engines import open_engine
-from appliance.engines.base import BatchSpec, EngineError
+from appliance.engines.base import BatchSpec, EngineError, file_sha256
 from appliance.engines.build import BuildError, BuildOptions, add_arguments, build_engine, main
 from appliance.engines.manifest import load_manifest
 from appliance.engines.tensorrt import TensorRtEngine, choose_backend
@@ -310,6 +310,17 @@ def test_fp16_build_writes_an_engine_that_loads_with_its_manifest(gpu, tmp_path)
     results = engine.run(frames)
     np.testing.assert_allclose(results["phase"], frames * 2 + 1, rtol=1e-5)
     np.testing.assert_allclose(results["amplitude"], frames * 0.5, rtol=1e-5)
+
+
+def test_a_build_takes_only_the_content_it_was_asked_for(gpu, tmp_path):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
+    expected = file_sha256(onnx)
+    affine_model(onnx, size=SIZE, scale=3.0)  # replaced after it was validated, before the build read it
+    with pytest.raises(BuildError, match=r"m.onnx changed before it could be built \(sha256 [0-9a-f]{64}, expected "
+                                         + expected):
+        build(tmp_path, onnx, expect_sha256=expected)
+    path = build(tmp_path, onnx, expect_sha256=file_sha256(onnx))
+    assert load_manifest(path).build["source"] == "m.onnx sha256 " + file_sha256(onnx)
 
 
 def test_fixed_batch_model_and_fp16_input(gpu, tmp_path):
