@@ -361,8 +361,7 @@ def stop() -> Dict[str, Any]:
 def autobuild() -> Dict[str, Any]:
     """On a TensorRT device (the FAKE TensorRT and GPU, through a drop-in), the sandboxed service builds
     the deployed ONNX model in a child process and swaps the engine in."""
-    checkout = params["checkout"]
-    fake = "{0}/tests/fake_tensorrt/child:{0}/tests:{0}".format(checkout)
+    fake = "/srv/test/fake_tensorrt/child:/srv/test"  # a copy: the checkout may be where the sandbox cannot see
     dropin = DROPIN_DIR + "/70-fake-tensorrt.conf"
     write(dropin, "[Service]\nEnvironment=PYTHONPATH={}\nEnvironment=FAKE_TENSORRT_VERSION=8.5.2.2\n".format(fake))
     sh("systemctl", "daemon-reload")

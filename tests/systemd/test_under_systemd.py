@@ -105,6 +105,8 @@ def run(tmp_path_factory) -> Dict[str, Any]:
     results = os.path.join(work, "results")
     os.mkdir(results)
     shutil.copy(os.path.join(HERE, "probe.py"), work)  # readable from the sandbox wherever the checkout is
+    shutil.copytree(os.path.join(ROOT, "tests", "fake_tensorrt"), os.path.join(work, "fake_tensorrt"),
+                    ignore=shutil.ignore_patterns("__pycache__"))  # likewise (PrivateTmp= hides a checkout in /tmp)
     with open(os.path.join(work, "params.json"), "w") as handle:
         json.dump(_params(work), handle)
     driver_unit = os.path.join(work, "driver.service")
