@@ -125,7 +125,9 @@ def status_line(snapshot: Dict[str, object]) -> str:
     p99 = latency.get("p99_ms") if isinstance(latency, dict) else None
     state = snapshot.get("state")
     prefix = "{}; ".format(state) if state and state != "serving" else ""
-    return prefix + "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}, engine {}".format(
+    build = snapshot.get("engine_build")
+    suffix = "; {}".format(build) if build and build != "idle" else ""  # minutes on a Jetson: say so
+    return prefix + "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}, engine {}{}".format(
         snapshot["rate_in_hz"],
         snapshot["rate_out_hz"],
         "{:.1f} ms".format(p99) if p99 is not None else "-",
@@ -133,4 +135,5 @@ def status_line(snapshot: Dict[str, object]) -> str:
         snapshot["dropped_total"],
         snapshot["missing_upstream"],
         snapshot.get("engine_name") or "none",
+        suffix,
     )

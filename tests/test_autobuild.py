@@ -277,14 +277,16 @@ def test_the_appliance_streams_on_through_the_swap_to_the_built_engine(trt_devic
                 if index % 100 == 99:
                     status = app.details()
                     if not gate.exists():
-                        on_onnx_runtime.append((status["engine_backend"], status["published"]))
+                        on_onnx_runtime.append((status["engine_backend"], status["published"], status["summary"]))
                         gate.touch()
                     elif status["engine_backend"] == "tensorrt":
                         break
             yield from ((image, None) for image in frames[index + 1 : index + 201])
 
         sent = detector.stream(frames_before_during_and_after_the_build(), rate_hz=200.0) - 1
-        assert on_onnx_runtime[0][0] == "onnxruntime" and on_onnx_runtime[0][1] > 0
+        backend, published, summary = on_onnx_runtime[0]
+        assert backend == "onnxruntime" and published > 0
+        assert re.search(r"engine m\.onnx; building m\.onnx \(fp16, pid \d+\) for \d+ s$", summary), summary
         received = collector.wait_for(sent, timeout=20)
         status = app.wait_counts(published=sent)
         assert status["engine_backend"] == "tensorrt", app.finish()
