@@ -34,11 +34,9 @@ def _check_config(args: argparse.Namespace) -> int:
 def _inspect_engine(args: argparse.Namespace) -> int:
     from appliance.engines import open_engine
     from appliance.engines.base import EngineError
-    from appliance.engines.manifest import load_manifest
 
     try:
         engine = open_engine(args.file, args.max_batch)
-        manifest = load_manifest(args.file)
     except EngineError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -50,6 +48,7 @@ def _inspect_engine(args: argparse.Namespace) -> int:
     for role, spec in io.outputs.items():
         print("output:   {} = {}".format(role, spec.describe()))
     print("batch:    {}".format(io.batch.describe()))
+    manifest = engine.manifest
     print("manifest: {}".format("yes" if manifest else "none"))
     if manifest is not None:
         from appliance.schema import dump

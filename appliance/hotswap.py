@@ -29,7 +29,7 @@ from appliance.config import EngineConfig
 from appliance.engines import ONNX_SUFFIXES, is_engine_file, open_engine
 from appliance.engines.autobuild import EngineBuilds
 from appliance.engines.base import BackendUnavailable, Engine, EngineError, file_sha256, run_padded
-from appliance.engines.manifest import load_golden, load_manifest, manifest_path
+from appliance.engines.manifest import load_golden, manifest_path
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _warm_up(engine: Engine) -> None:
 
 
 def _check_golden(engine: Engine) -> None:
-    manifest = load_manifest(engine.path)
+    manifest = engine.manifest
     if manifest is None or manifest.golden is None:
         return
     frames, expected = load_golden(engine.path, manifest.golden)

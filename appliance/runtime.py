@@ -19,7 +19,6 @@ from appliance.cuda import device_info
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.autobuild import BuildSettings, EngineBuilds, default_cache_directory
 from appliance.engines.tensorrt import choose_backend, import_tensorrt
-from appliance.engines.manifest import load_manifest
 from appliance.hotswap import EngineManager, StreamSpec, validate
 from appliance.mosaic import Mosaic, make_window
 from appliance.ingest import Ingest
@@ -152,7 +151,7 @@ class Appliance:
         settings = self.config.mosaic
         if not settings.enabled or self._server is None:
             return
-        manifest = load_manifest(engine.path)
+        manifest = engine.manifest
         pixel_size = settings.pixel_size_m or (manifest.pixel_size_m if manifest else None)
         if pixel_size is None:
             log.warning("no mosaic: neither mosaic.pixel_size_m nor the engine manifest gives the pixel size")

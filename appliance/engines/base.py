@@ -11,9 +11,12 @@ import abc
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # manifest.py imports this module
+    from appliance.engines.manifest import Manifest
 
 PHASE = "phase"
 AMPLITUDE = "amplitude"
@@ -86,10 +89,11 @@ class Engine(abc.ABC):
 
     backend = "abstract"
 
-    def __init__(self, path: str, io: EngineIO, sha256: str) -> None:
+    def __init__(self, path: str, io: EngineIO, sha256: str, manifest: Optional[Manifest] = None) -> None:
         self.path = path
         self.io = io
         self.sha256 = sha256
+        self.manifest = manifest  # as read when the file was opened: the one its outputs were assigned by
 
     @property
     def name(self) -> str:

@@ -46,7 +46,7 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise EngineError("{}: not a loadable ONNX model: {}".format(path, _first_line(exc))) from exc
         io = self._read_io(path, manifest, dynamic_batch)
-        super().__init__(path, io, sha256)
+        super().__init__(path, io, sha256, manifest)
         self._input_name = io.input.name
         self._output_names = {role: spec.name for role, spec in io.outputs.items()}
         self._fetch = list(self._output_names.values())

@@ -144,7 +144,7 @@ class TensorRtEngine(Engine):
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._deserialize(path)
         io, extra = self._read_io(path, manifest, dynamic_batch)
-        super().__init__(path, io, sha256)
+        super().__init__(path, io, sha256, manifest)
         self._input_name = io.input.name
         self._output_names = {role: spec.name for role, spec in io.outputs.items()}
         self._extra_outputs = extra  # name -> bytes per frame
