@@ -28,6 +28,7 @@ from typing import Callable, List, Optional
 
 from appliance import jetson_stats
 from appliance.config import Config, load_config
+from appliance.engines.base import first_line
 from appliance.runtime import Appliance
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ def serve(config_path: str) -> int:
         config = load_config(config_path)
     except (OSError, ValueError) as exc:
         log.error("cannot load configuration: %s", exc)
-        notify("STATUS=bad configuration: " + _first_line(exc))
+        notify("STATUS=bad configuration: " + first_line(exc))
         return EXIT_CONFIG
     # Before start(): a stop request during a long start is served once it is done.
     signals = _Signals()
@@ -325,14 +326,8 @@ def serve(config_path: str) -> int:
             appliance.start()
     except Exception as exc:
         log.error("startup failed: %s", exc)
-        notify("STATUS=startup failed: " + _first_line(exc))
+        notify("STATUS=startup failed: " + first_line(exc))
         return EXIT_CONFIG
     notify("READY=1")
     log.info("started with %s", config_path, extra={"CONFIG_PATH": config_path})
     return _Service(config, config_path, appliance, notify, signals).run()
-
-
-def _first_line(exc: BaseException) -> str:
-    """STATUS= is one line; the journal gets the whole message."""
-    lines = str(exc).splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -31,6 +31,12 @@ class BackendUnavailable(EngineError):
     """The file was not judged: the library its type needs is not installed here."""
 
 
+def first_line(exc: BaseException) -> str:
+    """For one-line reports (systemd's STATUS=, a verdict): the journal and the log get the whole message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor as the model declares it, without the batch axis."""

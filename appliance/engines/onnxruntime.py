@@ -6,7 +6,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from appliance.engines.base import (
-    BackendUnavailable, BatchSpec, Engine, EngineError, EngineIO, TensorSpec, assign_output_roles,
+    BackendUnavailable, BatchSpec, Engine, EngineError, EngineIO, TensorSpec, assign_output_roles, first_line,
 )
 from appliance.engines.manifest import Manifest
 
@@ -44,7 +44,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise EngineError("{}: not a loadable ONNX model: {}".format(path, _first_line(exc))) from exc
+            raise EngineError("{}: not a loadable ONNX model: {}".format(path, first_line(exc))) from exc
         io = self._read_io(path, manifest, dynamic_batch)
         super().__init__(path, io, sha256, manifest)
         self._input_name = io.input.name
@@ -98,8 +98,3 @@ def _tensor_spec(path: str, node: object) -> Tuple[TensorSpec, Optional[int]]:
         )
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     return TensorSpec(name, tuple(int(d) for d in dims), np.dtype(_ORT_TYPES[type_name])), batch
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
