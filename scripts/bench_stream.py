@@ -27,7 +27,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # onnx_models: the identity model
 
+from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
+
 ROLES = ("sim", "appliance", "hpc", "bench")
 DETECTOR_PV = "BENCH:image"
 PREFIX = "BENCH"
@@ -50,34 +51,16 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- ports and PVA environment ---------------------------------------------------
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def allocate_ports() -> Dict[str, Dict[str, int]]:
     """A TCP/UDP pair per process role, for one trial (one benchmark process)."""
-    return {role: {"tcp": _free_port(socket.SOCK_STREAM), "udp": _free_port(socket.SOCK_DGRAM)} for role in ROLES}
+    return {role: free_ports() for role in ROLES}
 
 
 def pva_env(ports: Dict[str, Dict[str, int]], own: str, reach: Sequence[str]) -> Dict[str, str]:
-    """Loopback-only PVA settings for a process serving as ``own`` and finding the servers ``reach``.
-
-    pvAccess keeps one UDP search port per IP, so further servers are found by
-    TCP name-server search.
-    """
+    """Loopback-only PVA settings for a process serving as ``own`` and finding the servers ``reach``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("EPICS_")}
-    env.update({
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-        "EPICS_PVA_SERVER_PORT": str(ports[own]["tcp"]),
-        "EPICS_PVA_BROADCAST_PORT": str(ports[own]["udp"]),
-        "EPICS_PVA_ADDR_LIST": "127.0.0.1:{}".format(ports[reach[0]]["udp"]),
-        "EPICS_PVA_NAME_SERVERS": " ".join("127.0.0.1:{}".format(ports[r]["tcp"]) for r in [own] + list(reach)),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    })
+    env.update(loopback_env(ports[own], *[ports[role] for role in reach]))
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
     return env
 
 

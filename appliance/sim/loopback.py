@@ -24,13 +24,13 @@ def free_ports() -> Ports:
     return {"tcp": _free_port(socket.SOCK_STREAM), "udp": _free_port(socket.SOCK_DGRAM)}
 
 
-def loopback_env(own: Ports, other: Ports) -> Dict[str, str]:
-    """For a process serving on ``own`` ports that must also find the server on ``other``."""
+def loopback_env(own: Ports, other: Ports, *more: Ports) -> Dict[str, str]:
+    """For a process serving on ``own`` ports that must also find the servers on ``other`` (and ``more``)."""
     return {
         "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
         "EPICS_PVA_AUTO_ADDR_LIST": "NO",
         "EPICS_PVA_SERVER_PORT": str(own["tcp"]),
         "EPICS_PVA_BROADCAST_PORT": str(own["udp"]),
         "EPICS_PVA_ADDR_LIST": "127.0.0.1:{}".format(other["udp"]),
-        "EPICS_PVA_NAME_SERVERS": "127.0.0.1:{} 127.0.0.1:{}".format(own["tcp"], other["tcp"]),
+        "EPICS_PVA_NAME_SERVERS": " ".join("127.0.0.1:{}".format(p["tcp"]) for p in (own, other) + more),
     }
