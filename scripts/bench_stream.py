@@ -241,44 +241,26 @@ def appliance_sections(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
 
 
 class Appliance:
-    """``ptychonn-edge run`` (started as the demo and tests start it) watched through one status channel.
+    """``ptychonn-edge run`` with the benchmark's config, started and watched as the demo and tests do.
 
-    pvapy crashed here (SIGSEGV) now and then when a client made a fresh Channel
-    for every poll, so this keeps one channel for the appliance's whole life.
+    Its status comes through one monitor (``appliance.sim.process.StatusWatch``): pvapy
+    crashed here (SIGSEGV) now and then when a client polled with gets.
     """
 
     def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, model: str, args: argparse.Namespace) -> None:
-        import pvaccess
-
         from appliance.sim.process import ApplianceProcess, write_config
 
         config = write_config(os.path.join(workdir, "appliance.yaml"), DETECTOR_PV, PREFIX, engine_path=model,
                               engine_dir=workdir, **appliance_sections(args))
         self.peer = ApplianceProcess(config, pva_env(ports, "appliance", ["sim"]), PREFIX)
         self.pid = self.peer.process.pid
-        self._channel = pvaccess.Channel(PREFIX + ":Status")
-        self._channel.setTimeout(2.0)
 
     def wait_ready(self, timeout: float) -> None:
         """Until it serves and is connected to the detector PV (or fail with its output)."""
-        import pvaccess
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.peer.process.poll() is not None:
-                raise RuntimeError("appliance exited {}:\n{}".format(self.peer.process.returncode, self.peer.finish()))
-            try:
-                status = self.status()
-                if status["state"] == "serving" and status["detector_connected"]:
-                    return
-            except pvaccess.PvaException:
-                pass  # not connected yet: the get itself waited
-            if time.monotonic() > deadline:
-                raise RuntimeError("appliance not serving after {} s".format(timeout))
-            time.sleep(0.1)  # remote state without an event
+        self.peer.wait_ready(timeout)
 
     def status(self) -> Dict[str, Any]:
-        return self._channel.get("field()").toDict()
+        return self.peer.status()
 
     def stop(self) -> None:
         self.peer.stop()
