@@ -174,8 +174,22 @@ def timestamp_field(stamp: TimeStamp) -> Dict[str, int]:
     return {"secondsPastEpoch": stamp[0], "nanoseconds": stamp[1], "userTag": stamp[2]}
 
 
+def published_dtype(dtype: Any) -> np.dtype:
+    """The pixel type an output of ``dtype`` goes out as.
+
+    NTNDArray has no half-precision member, and FP16 TensorRT engines often
+    have float16 outputs: those go out as float32, the type viewers expect.
+    Raises ValueError for a type no NTNDArray member can carry (complex, say).
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if dtype not in DTYPE_UNION_FIELDS:
+        raise ValueError("no NTNDArray value field for dtype {}; expected one of {}".format(
+            dtype, ", ".join(sorted(d.name for d in DTYPE_UNION_FIELDS)) + " or float16"))
+    return dtype
+
+
 def union_field(dtype: Any) -> str:
-    name = DTYPE_UNION_FIELDS.get(np.dtype(dtype))
-    if name is None:
-        raise ValueError("no NTNDArray value field for dtype {}".format(np.dtype(dtype)))
-    return name
+    """The value-union member that carries pixels of ``dtype`` (after :func:`published_dtype`)."""
+    return DTYPE_UNION_FIELDS[published_dtype(dtype)]
