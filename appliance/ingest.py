@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from appliance.config import Config
-from appliance.ntndarray import FrameError, FrameMeta, decode
+from appliance.ntndarray import FrameError, FrameMeta, decode, header
 from appliance.preprocess import Preprocessor
 from appliance.ring import FrameRing
 from appliance.telemetry import Telemetry
@@ -44,13 +44,22 @@ class Ingest:
     def on_update(self, pv: Any) -> None:
         """The monitor callback."""
         arrival = time.monotonic()
-        unique_id = int(pv["uniqueId"])
-        if unique_id == 0 and not pv.getSelectedUnionFieldName("value"):
+        try:
+            unique_id, field = frame_header = header(pv)
+        except FrameError as exc:
+            self._counters.received += 1
+            self._drop(exc.reason, str(exc))
+            return
+        if unique_id == 0 and not field:
             return  # a record that was never written: the update every monitor gets on connect
         self._counters.received += 1
+        if unique_id == self._last_id:
+            self._drop("repeated", "uniqueId {}: received again (a reconnect re-sends the last frame); "
+                                   "published once".format(unique_id))
+            return
         self._track_id(unique_id)
         try:
-            image, meta = decode(pv, self._position_names, unique_id)
+            image, meta = decode(pv, self._position_names, self._preprocessor, frame_header)
             self._store(image, meta, arrival)
         except FrameError as exc:
             self._drop(exc.reason, str(exc))

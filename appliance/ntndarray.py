@@ -8,13 +8,14 @@ makes into the ring.
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from appliance.compression import CodecError, decompress
+from appliance.engines.base import first_line
 
 # NTNDArray value-union member <-> numpy dtype.
 UNION_FIELD_DTYPES: Dict[str, np.dtype] = {
@@ -59,34 +60,112 @@ class FrameError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
 class FrameMeta:
-    """What travels with a frame from the detector PV to every output PV."""
+    """What travels with a frame from the detector PV to every output PV.
 
-    unique_id: int
-    timestamp: TimeStamp
-    data_timestamp: TimeStamp
-    attributes: Sequence[Any]  # as received; republished unchanged
-    position: Optional[Tuple[float, float]]  # sample (x, y) from the configured attributes
+    A received frame keeps its NTNDArray as ``carrier``: a pvData copy of the
+    received structure (arrays shared, not copied) made in C++. Publishing sends
+    that structure on with the result in place of the pixels, so the times,
+    attributes and everything else a detector put there reach the output without
+    being turned into Python objects and back (that round trip cost more than the
+    rest of the frame's trip). The Python views below are read from it only when
+    something asks (the mosaic for positions, tests and viewers for the rest).
+    """
+
+    __slots__ = ("unique_id", "carrier", "image_shape", "codec", "_position_names", "_read")
+
+    def __init__(
+        self,
+        unique_id: int,
+        timestamp: TimeStamp = (0, 0, 0),
+        data_timestamp: TimeStamp = (0, 0, 0),
+        attributes: Sequence[Any] = (),
+        position: Optional[Tuple[float, float]] = None,
+    ) -> None:
+        """Metadata made here (tests, benchmarks, the mosaic's own picture): no carrier."""
+        self.unique_id = unique_id
+        self.carrier: Any = None
+        self.image_shape: Optional[Tuple[int, int]] = None
+        self.codec = ""
+        self._position_names: Tuple[str, str] = ("", "")
+        self._read: Dict[str, Any] = {"timestamp": timestamp, "data_timestamp": data_timestamp,
+                                      "attributes": attributes, "position": position}
+
+    @classmethod
+    def received(cls, unique_id: int, carrier: Any, image_shape: Tuple[int, int], codec: str,
+                 position_names: Tuple[str, str]) -> "FrameMeta":
+        meta = cls(unique_id)
+        meta.carrier, meta.image_shape, meta.codec = carrier, image_shape, codec
+        meta._position_names = position_names
+        meta._read = {}
+        return meta
+
+    def _field(self, name: str) -> Any:
+        if name not in self._read:
+            self._read[name] = _READERS[name](self)
+        return self._read[name]
+
+    @property
+    def timestamp(self) -> TimeStamp:
+        return self._field("timestamp")  # type: ignore[no-any-return]
+
+    @property
+    def data_timestamp(self) -> TimeStamp:
+        return self._field("data_timestamp")  # type: ignore[no-any-return]
+
+    @property
+    def attributes(self) -> Sequence[Any]:
+        """As received; published unchanged."""
+        return self._field("attributes")  # type: ignore[no-any-return]
+
+    @property
+    def position(self) -> Optional[Tuple[float, float]]:
+        """Sample (x, y) from the configured attributes; None unless both are finite numbers."""
+        return self._field("position")  # type: ignore[no-any-return]
 
 
-def decode(pv: Any, position_names: Tuple[str, str], unique_id: Optional[int] = None) -> Tuple[np.ndarray, FrameMeta]:
+_READERS = {
+    "timestamp": lambda meta: _timestamp(meta.carrier.getStructure("timeStamp")),
+    "data_timestamp": lambda meta: _timestamp(meta.carrier.getStructure("dataTimeStamp")),
+    "attributes": lambda meta: meta.carrier["attribute"],
+    "position": lambda meta: _position(meta.attributes, meta._position_names),
+}
+
+
+ShapeCheck = Callable[[Tuple[int, int], int], Any]
+Header = Tuple[int, str]  # uniqueId, the selected value-union member ("" when empty)
+
+
+def header(pv: Any) -> Header:
+    """What says whether an update is a frame at all, read first and cheaply."""
+    try:
+        return int(pv.getInt("uniqueId")), pv.getSelectedUnionFieldName("value")
+    except Exception as exc:  # pvapy raises its own types for a missing or mistyped field
+        raise FrameError("not_ntndarray", "update is not an NTNDArray (expected an int uniqueId and a value "
+                                          "union): {}".format(first_line(exc))) from exc
+
+
+def decode(pv: Any, position_names: Tuple[str, str], check_shape: Optional[ShapeCheck] = None,
+           known_header: Optional[Header] = None) -> Tuple[np.ndarray, FrameMeta]:
     """The (rows, columns) image and metadata of one received NTNDArray.
 
-    ``unique_id`` saves reading the field again when the caller has it (each
-    field read builds Python objects). Raises FrameError for anything that does
-    not describe a 2-D image.
+    Runs on the receive thread for every frame, so it reads only what it must,
+    through pvapy's typed accessors (a generic ``pv[name]`` read builds Python
+    objects for the whole field). ``check_shape(shape, unique_id)`` may refuse
+    the image size before anything is decompressed: a small payload can declare
+    a huge image. ``known_header`` saves reading :func:`header` again.
+    Raises FrameError for anything that does not describe a 2-D image.
     """
-    if unique_id is None:
-        unique_id = int(pv["uniqueId"])
-    field = pv.getSelectedUnionFieldName("value")
+    unique_id, field = known_header or header(pv)
     if not field:
         raise FrameError("empty", "uniqueId {}: value union is empty".format(unique_id))
-    data = pv["value"][0][field]
-    codec = pv["codec"]
-    if codec["name"]:
-        data = _decompress(codec, data, int(pv["uncompressedSize"]), unique_id)
     width, height = _image_size(pv["dimension"], unique_id)
+    if check_shape is not None:
+        check_shape((height, width), unique_id)
+    data = pv.getUnion("value")[field]
+    codec = pv.getString("codec.name")
+    if codec:
+        data = _decompress(pv["codec"], data, int(pv["uncompressedSize"]), width * height, unique_id)
     if data.size != width * height:
         raise FrameError(
             "size",
@@ -94,18 +173,11 @@ def decode(pv: Any, position_names: Tuple[str, str], unique_id: Optional[int] = 
                 unique_id, data.size, data.dtype.name, height, width, width * height
             ),
         )
-    attributes = pv["attribute"]
-    meta = FrameMeta(
-        unique_id=unique_id,
-        timestamp=_timestamp(pv["timeStamp"]),
-        data_timestamp=_timestamp(pv["dataTimeStamp"]),
-        attributes=attributes,
-        position=_position(attributes, position_names),
-    )
+    meta = FrameMeta.received(unique_id, pv.copy(), (height, width), codec, position_names)
     return data.reshape(height, width), meta
 
 
-def _decompress(codec: Mapping[str, Any], payload: np.ndarray, size: int, unique_id: int) -> np.ndarray:
+def _decompress(codec: Mapping[str, Any], payload: np.ndarray, size: int, elements: int, unique_id: int) -> np.ndarray:
     parameters = codec["parameters"][0]
     code = parameters.get("value") if isinstance(parameters, dict) else None
     dtype = SCALAR_TYPE_DTYPES.get(code) if isinstance(code, int) else None
@@ -114,6 +186,12 @@ def _decompress(codec: Mapping[str, Any], payload: np.ndarray, size: int, unique
             "codec",
             "uniqueId {}: codec {} without a valid data type in codec.parameters (got {!r}; expected a pvData "
             "ScalarType code 0..10)".format(unique_id, codec["name"], code),
+        )
+    if size != elements * dtype.itemsize:
+        raise FrameError(
+            "size",
+            "uniqueId {}: uncompressedSize {} bytes; dimension says {} elements of {} = {} bytes".format(
+                unique_id, size, elements, dtype.name, elements * dtype.itemsize),
         )
     try:
         return decompress(codec["name"], payload, dtype, size)
@@ -149,7 +227,7 @@ def _position(attributes: Sequence[Mapping[str, Any]], names: Tuple[str, str]) -
         name = attribute["name"]
         if name in names:
             value = attribute_value(attribute)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 found[name] = float(value)
     if names[0] in found and names[1] in found:
         return found[names[0]], found[names[1]]

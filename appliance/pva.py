@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -80,11 +82,35 @@ def attributes(values: Mapping[str, Any]) -> Sequence[Dict[str, Any]]:
     return entries
 
 
+# Access security for our records: anyone may read; only P:Control takes writes. Without it a
+# pvDatabase record accepts any client's put (a fake frame reached viewers; a put to P:Status
+# overwrote it), and pvAccess applies the rules before a put reaches the record.
+_ACCESS_RULES = """ASG(DEFAULT) {
+    RULE(1, READ)
+}
+ASG(COMMANDS) {
+    RULE(1, READ)
+    RULE(1, WRITE)
+}
+"""
+
+
+def _init_access_security(server: Any) -> None:
+    """Load :data:`_ACCESS_RULES` (pvDatabase reads them from a file, once per process)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".acf", delete=False) as handle:
+        handle.write(_ACCESS_RULES)
+    try:
+        server.initAs(handle.name, "")
+    finally:
+        os.unlink(handle.name)
+
+
 class Server:
-    """One PvaServer per process, holding this process's records."""
+    """One PvaServer per process, holding this process's records; only command records are writable."""
 
     def __init__(self) -> None:
         self._server = _pvaccess().PvaServer()
+        _init_access_security(self._server)
         self.names: List[str] = []
 
     def add_image(self, name: str) -> "ImageRecord":
@@ -107,7 +133,14 @@ class Server:
 
 
 class ImageRecord:
-    """An NTNDArray record updated in place."""
+    """An NTNDArray record.
+
+    A received frame's result goes out on the frame's own structure (its
+    ``carrier``, see :class:`~appliance.ntndarray.FrameMeta`): only the pixels,
+    the dimensions and the sizes change, and pvapy copies the rest in C++. Images
+    made here (the mosaic), and frames whose structure is not the standard
+    NTNDArray our record has, are sent from a reused structure field by field.
+    """
 
     def __init__(self, server: Any, name: str) -> None:
         pvaccess = _pvaccess()
@@ -116,6 +149,7 @@ class ImageRecord:
         self._object = pvaccess.NtNdArray()
         self._shape: Optional[Tuple[int, int]] = None
         self._codec: Optional[str] = None
+        self._carriers_fit = True
         server.addRecord(name, pvaccess.NtNdArray())
 
     def publish(
@@ -133,9 +167,8 @@ class ImageRecord:
         else:
             if self._codec:
                 pv["codec"] = {"name": ""}
-                pv["compressedSize"] = pv["uncompressedSize"] = 0
                 self._codec = None
-            pv["value"] = {ntndarray.union_field(image.dtype): image.ravel()}
+            _set_pixels(pv, image)
         if self._shape != image.shape:
             pv["dimension"] = ntndarray.dimensions(image.shape[0], image.shape[1])
             self._shape = image.shape
@@ -147,7 +180,24 @@ class ImageRecord:
 
     def publish_frame(self, image: np.ndarray, meta: FrameMeta) -> None:
         """An output image carrying its input frame's identity, times and attributes."""
+        if meta.carrier is not None and self._carriers_fit:
+            try:
+                self._send_on_carrier(image, meta)
+                return
+            except ValueError as exc:  # pvapy: "structure definitions do not match"
+                self._carriers_fit = False
+                log.warning("%s: the detector's NTNDArray structure differs from ours (%s); publishing "
+                            "field by field from now on (slower)", self.name, exc)
         self.publish(image, meta.unique_id, meta.timestamp, meta.data_timestamp, meta.attributes)
+
+    def _send_on_carrier(self, image: np.ndarray, meta: FrameMeta) -> None:
+        carrier = meta.carrier
+        _set_pixels(carrier, image)
+        if meta.codec:
+            carrier["codec"] = {"name": ""}
+        if meta.image_shape != image.shape:
+            carrier["dimension"] = ntndarray.dimensions(image.shape[0], image.shape[1])
+        self._server.update(self.name, carrier)
 
     def publish_raw(self, pv_object: Any) -> None:
         """Send a hand-built structure as is (to test how receivers treat malformed frames)."""
@@ -163,6 +213,13 @@ class ImageRecord:
         pv["compressedSize"] = len(payload)
         pv["uncompressedSize"] = image.nbytes
         self._codec = codec
+
+
+def _set_pixels(pv: Any, image: np.ndarray) -> None:
+    """Uncompressed pixels, with both sizes set to their byte count as NDPluginPva does."""
+    image = image.astype(ntndarray.published_dtype(image.dtype), copy=False)
+    pv["value"] = {ntndarray.union_field(image.dtype): image.ravel()}
+    pv["compressedSize"] = pv["uncompressedSize"] = image.nbytes
 
 
 # P:Status fields: a typed structure for tools and widgets, plus the whole snapshot as JSON.
@@ -229,7 +286,7 @@ class CommandRecord:
         self.name = name
         self._on_command = on_command
         self._server = server
-        server.addRecord(name, pvaccess.PvObject({"value": pvaccess.STRING}), self._written)
+        server.addRecordWithAs(name, pvaccess.PvObject({"value": pvaccess.STRING}), 0, "COMMANDS", self._written)
 
     def _written(self, pv: Any) -> None:
         command = str(pv["value"]).strip()

@@ -27,6 +27,9 @@ DROP_REASONS = (
     "nonfinite",  # NaN or Inf after conversion
     "engine",  # inference failed for the frame's batch
     "no_engine",  # no engine could serve when the frame arrived
+    "not_ntndarray",  # the update has no int uniqueId and value union (a scalar, a string, another structure)
+    "repeated",  # the uniqueId just received came again (a reconnect re-sends the last frame)
+    "publish",  # the result could not be published (the output record refused it)
 )
 
 

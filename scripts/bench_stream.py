@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # onnx_models: the identity model
+sys.path.insert(0, os.path.join(ROOT, "scripts"))  # pva_viewer: its report format
 
 from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
 
@@ -232,9 +233,46 @@ class HpcConsumer:
         _signal(self.process, signal.SIGINT, 10.0)  # it prints its final statistics on the way out
 
 
+class ViewerProcess:
+    """``scripts/pva_viewer.py`` (p4p) on some output PVs: a beamline display subscribed as a user's would be."""
+
+    SCRIPT = os.path.join(ROOT, "scripts", "pva_viewer.py")
+
+    def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, name: str, pvs: Sequence[str],
+                 reach: str, queue_size: int) -> None:
+        self.name, self.pvs = name, list(pvs)
+        self.log_path = os.path.join(workdir, "viewer-{}.log".format(name))
+        self.process = subprocess.Popen([sys.executable, self.SCRIPT, *pvs, "--queue-size", str(queue_size)],
+                                        env=pva_env(ports, "bench", [reach]), stdout=open(self.log_path, "w"),
+                                        stderr=subprocess.STDOUT)
+
+    def connected(self) -> bool:
+        """Every PV has delivered its first update (the record's current value)."""
+        with open(self.log_path) as handle:
+            text = handle.read()
+        return all("connected {}".format(pv) in text for pv in self.pvs)
+
+    def freeze(self) -> None:
+        """A display that stops reading (a hung GUI): the process is stopped, its sockets stay open."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def report(self) -> Dict[str, Dict[str, Any]]:
+        """What each PV delivered to it, once it has stopped."""
+        self.thaw()
+        _signal(self.process, signal.SIGTERM, 10.0)
+        from pva_viewer import parse_report
+
+        with open(self.log_path) as handle:
+            return parse_report(handle.read())
+
+
 def appliance_sections(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """The config the benchmark changes from the defaults (everything else is as shipped)."""
-    sections: Dict[str, Dict[str, Any]] = {"detector": {"queue_size": args.queue_size}, "publish": {"status_period_s": 0.5}}
+    sections: Dict[str, Dict[str, Any]] = {"detector": {"queue_size": args.queue_size}, "publish": {"status_period_s": 0.5},
+                                           "mosaic": {"pixel_size_m": 1e-8}}  # P:Mosaic as at a beamline
     if args.cpu_threads is not None:
         sections["engine"] = {"cpu_threads": args.cpu_threads}
     return sections
@@ -346,6 +384,7 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
                              "appliance_config": appliance_sections(args), "workdir": workdir}
     sim = Simulator(ports, workdir, rate, args.duration, start_delay)
     appliance = hpc = None
+    viewers: Dict[str, ViewerProcess] = {}
     try:
         sim.wait_serving(timeout=start_delay)  # consumers that start before it searched unreliably here
         appliance = Appliance(ports, workdir, model, args)
@@ -355,6 +394,9 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
             if time.monotonic() > sim.first_frame_at + 20:
                 raise RuntimeError("pvapy-hpc-consumer did not connect; see {}/hpc.log".format(workdir))
             time.sleep(0.1)  # remote state without an event
+        if args.viewers:
+            viewers = start_viewers(ports, workdir, args)
+            wait_viewers_connected(viewers, sim.first_frame_at + 20)
         ready = time.monotonic()
         trial["ready_margin_s"] = round(sim.first_frame_at - ready, 2)
         if ready > sim.first_frame_at - 0.3:
@@ -367,6 +409,8 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
         threads_before = {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
         if args.profile:
             trial["profiles"] = start_profiles(pids, workdir, sim.first_frame_at - time.monotonic() + args.duration)
+        if args.freeze_viewer:
+            trial["viewer_frozen"] = freeze_during_stream(viewers["appliance"], sim.first_frame_at, args)
         sim.wait_finished(args.duration)
         sent = sim.frames_sent()
         trial.update(sent=sent, sim_runtime_s=sim.runtime())
@@ -385,13 +429,44 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
         trial["hpc"] = hpc_verdict(hpc.status() or {}, sent)
         trial["cpu_us_per_frame"] = {
             name: round(1e6 * (cpu_after[name] - cpu_before[name]) / max(sent, 1), 1) for name in pids}
+        trial["viewers"] = {name: viewer.report() for name, viewer in viewers.items()}
         return trial
     finally:
+        for viewer in viewers.values():
+            _signal(viewer.process, signal.SIGKILL, 5.0)
         if hpc is not None:
             hpc.stop()
         if appliance is not None:
             appliance.stop()
         sim.stop()
+
+
+def start_viewers(ports: Dict[str, Dict[str, int]], workdir: str, args: argparse.Namespace) -> Dict[str, "ViewerProcess"]:
+    """One display per consumer: the appliance's phase images and mosaic, the baseline's output."""
+    return {
+        "appliance": ViewerProcess(ports, workdir, "appliance", [PREFIX + ":Phase", PREFIX + ":Mosaic"], "appliance",
+                                   args.viewer_queue_size),
+        "hpc": ViewerProcess(ports, workdir, "hpc", [HPC_OUTPUT], "hpc", args.viewer_queue_size),
+    }
+
+
+def wait_viewers_connected(viewers: Dict[str, "ViewerProcess"], deadline: float) -> None:
+    for viewer in viewers.values():
+        while not viewer.connected():
+            if viewer.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("viewer {} did not connect; see {}".format(viewer.name, viewer.log_path))
+            time.sleep(0.1)  # another process's log: no event to await
+
+
+def freeze_during_stream(viewer: "ViewerProcess", first_frame_at: float, args: argparse.Namespace) -> Dict[str, float]:
+    """Stop the viewer a third into the stream for ``--freeze-viewer`` seconds, then let it go on."""
+    start = first_frame_at + args.duration / 3.0
+    time.sleep(max(0.0, start - time.monotonic()))  # a point in the stream's schedule, not a wait for an event
+    viewer.freeze()
+    frozen_at = time.monotonic()
+    time.sleep(args.freeze_viewer)
+    viewer.thaw()
+    return {"from_s": round(frozen_at - first_frame_at, 2), "seconds": round(time.monotonic() - frozen_at, 2)}
 
 
 # -- isolation: every trial in a fresh process group ----------------------------------------
@@ -411,6 +486,9 @@ def isolated(args: argparse.Namespace, mode: str, extra: Sequence[str], timeout_
         command += ["--cpu-threads", str(args.cpu_threads)]
     if args.profile:
         command.append("--profile")
+    if not args.viewers:
+        command.append("--no-viewers")
+    command += ["--viewer-queue-size", str(args.viewer_queue_size), "--freeze-viewer", str(args.freeze_viewer)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     watchdog = threading.Timer(timeout_s, _kill_group, args=(child.pid,))
@@ -485,8 +563,9 @@ def sweep_table(trials: List[Dict[str, Any]]) -> str:
     lines = [
         "| rate (Hz) | achieved (Hz, median) | runs | appliance zero-loss runs | appliance lost (median) "
         "| hpc zero-loss runs | hpc lost (median) | appliance p50 / p99 ms (median) "
-        "| CPU us/frame appliance / hpc / sim (median) | others' load, cores (median) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| CPU us/frame appliance / hpc / sim (median) | others' load, cores (median) "
+        "| viewers' frames, appliance / hpc (median) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     best = {"appliance": 0.0, "hpc": 0.0}
     failed = {"appliance": False, "hpc": False}
@@ -498,12 +577,13 @@ def sweep_table(trials: List[Dict[str, Any]]) -> str:
             if not failed[who]:
                 best[who] = rate
         cpu = {who: _median([t["cpu_us_per_frame"][who] for t in runs]) for who in ("appliance", "hpc", "sim")}
-        lines.append("| {:.0f} | {:.0f} | {} | {} | {:.0f} | {} | {:.0f} | {:.2f} / {:.2f} | {:.0f} / {:.0f} / {:.0f} | {:.2f} |".format(
+        lines.append("| {:.0f} | {:.0f} | {} | {} | {:.0f} | {} | {:.0f} | {:.2f} / {:.2f} | {:.0f} / {:.0f} / {:.0f} | {:.2f} | {} |".format(
             rate, _median([t["achieved_hz"] for t in runs]), len(runs), ok["appliance"],
             _median([t["appliance"]["lost"] for t in runs]), ok["hpc"], _median([t["hpc"]["lost"] for t in runs]),
             _median([t["appliance"]["latency_p50_ms"] for t in runs]),
             _median([t["appliance"]["latency_p99_ms"] for t in runs]),
             cpu["appliance"], cpu["hpc"], cpu["sim"], _median([t.get("other_load_cores", float("nan")) for t in runs]),
+            viewer_cell(runs),
         ))
     lines.append("")
     for who, label in (("appliance", "appliance"), ("hpc", "pvapy-hpc-consumer")):
@@ -512,6 +592,18 @@ def sweep_table(trials: List[Dict[str, Any]]) -> str:
                      "simulator delivered in those runs: {:.0f} Hz".format(
                          label, best[who], max([t["achieved_hz"] for t in runs] or [0.0])))
     return "\n".join(lines)
+
+
+def viewer_cell(runs: List[Dict[str, Any]]) -> str:
+    """Frames each consumer's viewer received (its own misses in brackets), or none when run without."""
+    if not all(t.get("viewers") for t in runs):
+        return "no viewers"
+    cells = []
+    for name, pv in (("appliance", PREFIX + ":Phase"), ("hpc", HPC_OUTPUT)):
+        got = [t["viewers"][name].get(pv, {}) for t in runs]
+        cells.append("{:.0f} ({:.0f} missed)".format(_median([g.get("frames", 0) for g in got]),
+                                                     _median([g.get("missed", 0) for g in got])))
+    return " / ".join(cells)
 
 
 def thread_table(trials: List[Dict[str, Any]]) -> str:
@@ -607,39 +699,47 @@ def soak_run(args: argparse.Namespace, ports: Dict[str, Dict[str, int]], model: 
 
 
 # -- stages (in process) ---------------------------------------------------------------------
-def stages(args: argparse.Namespace, model: str) -> Dict[str, float]:
+def stages(args: argparse.Namespace, model: str, ports: Dict[str, Dict[str, int]]) -> Dict[str, float]:
     """Microseconds per frame of each hot-path stage, run in this process on one cached NTNDArray.
 
     Receive-side pvAccess work (deserialising, the PvObject handed to Python) is
-    not in here; the live profile of ``sweep`` shows it.
+    not in here; the live profile of ``sweep`` shows it. The output record has a
+    viewer (unless ``--no-viewers``), as at a beamline.
     """
     import numpy as np
+    import yaml
     from pvapy.utility.adImageUtility import AdImageUtility
 
     from appliance.config import load_config
     from appliance.engines import open_engine
     from appliance.ingest import Ingest
-    from appliance.pva import Server
+    from appliance.pva import Server, attributes
     from appliance.ring import FrameRing
     from appliance.telemetry import Telemetry
 
     workdir = args.workdir
     config_path = os.path.join(workdir, "stages.yaml")
     with open(config_path, "w") as handle:
-        json.dump(appliance_sections(args), handle)  # JSON is YAML
+        yaml.safe_dump(appliance_sections(args), handle)
     config = load_config(config_path)
     engine = open_engine(model, config.pipeline.max_batch, config.engine.cpu_threads)
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 65535, (FRAME_SIZE, FRAME_SIZE), dtype=np.uint16)
     pv = AdImageUtility.generateNtNdArray2D(1, frame, FRAME_SIZE, FRAME_SIZE, np.uint16, None, None)
+    pv["attribute"] = list(attributes({"SampleX": 1.0e-6, "SampleY": 2.0e-6, "ColorMode": 0}))  # as a beamline's
     telemetry = Telemetry(config.publish.latency_window)
     ring = FrameRing(config.pipeline.ring_capacity, engine.io.image_shape, engine.io.input.dtype)
     ingest = Ingest(config, ring, telemetry)
     server = Server()
     record = server.add_image("BENCHSTAGES:Phase")
+    viewer = None
+    if args.viewers:
+        viewer = ViewerProcess(ports, workdir, "stages", ["BENCHSTAGES:Phase"], "bench", args.viewer_queue_size)
+        wait_viewers_connected({"stages": viewer}, time.monotonic() + 20)
     batch_size = config.pipeline.max_batch
     names = ("ingest (decode + one write into the ring)", "batch (ring.take)",
-             "inference (identity ONNX, batch {})".format(batch_size), "publish (P:Phase update, no subscriber)")
+             "inference (identity ONNX, batch {})".format(batch_size),
+             "publish (P:Phase update, {})".format("one p4p subscriber" if viewer else "no subscriber"))
     seconds = dict.fromkeys(names, 0.0)
     warm_up = ring.capacity  # one lap of the ring first: its pages are touched once, then reused
     n = args.stage_frames - args.stage_frames % batch_size
@@ -664,6 +764,7 @@ def stages(args: argparse.Namespace, model: str) -> Dict[str, float]:
                 for name, span in zip(names, (taken - start, inferred - taken, published - inferred, done - published)):
                     seconds[name] += span
     finally:
+        viewed = viewer.report() if viewer is not None else {}
         server.close()
         engine.close()
         ring.close()
@@ -680,8 +781,10 @@ def stages(args: argparse.Namespace, model: str) -> Dict[str, float]:
     print("\n| NTNDArray field read through pvapy | us per read |\n| --- | --- |")
     for name, value in fields.items():
         print("| `pv[{!r}]` | {:.1f} |".format(name, value))
+    if viewed:
+        print("\nviewer: {}".format(json.dumps(viewed["BENCHSTAGES:Phase"])))
     _emit(args, {"mode": "stages", "frames": n, "cpu_threads": args.cpu_threads, "us_per_frame": costs,
-                 "field_read_us": fields})
+                 "field_read_us": fields, "viewer": viewed})
     return costs
 
 
@@ -721,6 +824,9 @@ def _trial_line(trial: Dict[str, Any]) -> str:
     if h:
         text += " | hpc processed {} lost {} {}".format(
             h["processed"], h["lost"], "OK" if h["zero_loss"] else "LOSS (missed {}, overruns {})".format(h["missed"], h["overruns"]))
+    for name, pvs in sorted(trial.get("viewers", {}).items()):
+        for pv, got in sorted(pvs.items()):
+            text += " | viewer {} {}: {} frames, missed {}".format(name, pv, got["frames"], got.get("missed", 0))
     return text + " | CPU us/frame {} | others' load {} cores".format(trial["cpu_us_per_frame"], trial["other_load_cores"])
 
 
@@ -750,6 +856,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--stage-frames", type=int, default=20000, help="stages: frames per stage")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="engine.cpu_threads for the appliance (default: the appliance's own default)")
+    parser.add_argument("--no-viewers", dest="viewers", action="store_false",
+                        help="sweep: no subscriber on the output PVs (not what a beamline sees; for comparison only)")
+    parser.add_argument("--viewer-queue-size", type=int, default=64, help="server-side queue of each viewer's monitors")
+    parser.add_argument("--freeze-viewer", type=float, default=0.0,
+                        help="sweep: SIGSTOP the appliance's viewer for this many seconds a third into each stream")
     parser.add_argument("--profile", action="store_true",
                         help="sweep: record each process with py-spy while frames flow (files in the trial's workdir)")
     parser.add_argument("--out", help="append every result as a JSON line to this file (report: read it)")
@@ -782,7 +893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.exists(model):
         affine_model(model, size=FRAME_SIZE)
     if args.mode == "stages":
-        stages(args, model)
+        stages(args, model, ports)
         return 0
     if args.mode == "trial":
         result = run_trial(ports, model, args, args.rate, args.start_delay_trial or args.start_delay)
