@@ -18,6 +18,10 @@ import numpy as np
 
 WINDOWS = ("gaussian", "hann", "flat")
 
+# Positions further out than this many object pixels are a motor glitch, not a scan (at 10 nm
+# pixels it is 21 m): they count as outside, and NaN or Inf cannot reach the arithmetic.
+_MAX_PIXEL_COORDINATE = 2.0 ** 31
+
 
 def make_window(shape: Tuple[int, int], kind: str, sigma_px: float = 8.0) -> np.ndarray:
     """Per-pixel trust in a patch.
@@ -89,6 +93,9 @@ class Mosaic:
                 return
             row = position[1] / self.pixel_size_m - self.patch_shape[0] / 2.0
             col = position[0] / self.pixel_size_m - self.patch_shape[1] / 2.0
+            if not (abs(row) < _MAX_PIXEL_COORDINATE and abs(col) < _MAX_PIXEL_COORDINATE):  # NaN fails too
+                self.counts["outside"] += 1
+                return
             top, left = int(math.floor(row)), int(math.floor(col))
             if not self._cover(top, left):
                 self.counts["outside"] += 1

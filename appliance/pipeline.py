@@ -179,9 +179,7 @@ class Pipeline:
             finite &= np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
         for index, meta in enumerate(batch.metas):
             if finite[index]:
-                self._sink(meta, {role: images[index] for role, images in outputs.items()})
-                self._counters.published += 1
-                self._telemetry.latency.add(time.monotonic() - batch.arrivals[index])
+                self._publish(meta, {role: images[index] for role, images in outputs.items()}, batch.arrivals[index])
         bad = batch.size - int(finite.sum())
         if bad:
             self._counters.drop("engine", bad)
@@ -191,6 +189,20 @@ class Pipeline:
             self._faults_in_a_row = 0
         self._ring.release(batch)
         self._retire_unused_engines()
+
+    def _publish(self, meta: FrameMeta, images: Dict[str, np.ndarray], arrival: float) -> None:
+        """Hand one result to the sink; a result the sink refuses is a counted drop, never the thread's end."""
+        try:
+            self._sink(meta, images)
+        except Exception as exc:
+            self._counters.drop("publish")
+            message = "publishing uniqueId {} failed: {}: {}".format(meta.unique_id, type(exc).__name__, exc)
+            self._telemetry.note_error(message)
+            if self._counters.dropped["publish"] == 1 or self._counters.dropped["publish"] % 1000 == 0:
+                log.error("%s [%d so far]", message, self._counters.dropped["publish"])
+            return
+        self._counters.published += 1
+        self._telemetry.latency.add(time.monotonic() - arrival)
 
     def _fail_batch(self, engine: Engine, batch: Batch, error: str) -> None:
         self._counters.drop("engine", batch.size)

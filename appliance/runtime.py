@@ -240,12 +240,18 @@ class Appliance:
 
     # -- internals -------------------------------------------------------------------
     def _deliver(self, meta: FrameMeta, images: Dict[str, np.ndarray]) -> None:
+        """Publish (a failure here is the frame's drop), then the listeners (a failure there is only theirs)."""
         for role, image in images.items():
             record = self._images.get(role)
             if record is not None:
                 record.publish_frame(image, meta)
         for listener in self._result_listeners:
-            listener(meta, images)
+            try:
+                listener(meta, images)
+            except Exception as exc:
+                self.telemetry.note_error("result listener failed on uniqueId {}: {}: {}".format(
+                    meta.unique_id, type(exc).__name__, exc))
+                log.exception("result listener failed on uniqueId %d", meta.unique_id)
 
     def _allocator(self, engine: Engine) -> Callable[[int], object]:
         """Pinned memory for a GPU engine, and on a TensorRT device from the start: an ONNX model

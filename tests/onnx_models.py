@@ -36,10 +36,12 @@ def affine_model(
     output_name: str = "94",
     amplitude_name: Optional[str] = None,
     input_type: int = TensorProto.FLOAT,
+    output_type: int = TensorProto.FLOAT,
 ) -> str:
     """phase = scale * x + offset (identity by default; scale=-1 gives the negation model).
 
     With ``amplitude_name``, a second output amplitude = x * 0.5 is added.
+    ``output_type`` other than float casts the phase (float16, as FP16 engines give it).
     """
     shape = [batch, 1, size, size]
     x = input_name
@@ -48,12 +50,15 @@ def affine_model(
         nodes.append(helper.make_node("Cast", [input_name], ["x32"], to=TensorProto.FLOAT))
         x = "x32"
     nodes.append(helper.make_node("Mul", [x, "scale"], ["scaled"]))
-    nodes.append(helper.make_node("Add", ["scaled", "offset"], [output_name]))
+    phase = output_name if output_type == TensorProto.FLOAT else "phase32"
+    nodes.append(helper.make_node("Add", ["scaled", "offset"], [phase]))
+    if output_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [phase], [output_name], to=output_type))
     initializers = [
         helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
         helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
     ]
-    outputs = [_value(output_name, shape)]
+    outputs = [_value(output_name, shape, output_type)]
     if amplitude_name:
         initializers.append(helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]))
         nodes.append(helper.make_node("Mul", [x, "half"], [amplitude_name]))
