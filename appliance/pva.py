@@ -6,10 +6,12 @@ than the frame's whole trip through the pipeline.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
+import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,8 +97,15 @@ ASG(COMMANDS) {
 """
 
 
+_access_security_loaded = threading.Event()
+
+
 def _init_access_security(server: Any) -> None:
-    """Load :data:`_ACCESS_RULES` (pvDatabase reads them from a file, once per process)."""
+    """Load :data:`_ACCESS_RULES` once per process: the rules are process-wide in pvDatabase, and
+    reloading them under live channels (a test process makes many servers) is nothing it promises to survive."""
+    if _access_security_loaded.is_set():
+        return
+    _access_security_loaded.set()
     with tempfile.NamedTemporaryFile("w", suffix=".acf", delete=False) as handle:
         handle.write(_ACCESS_RULES)
     try:
@@ -217,9 +226,17 @@ class ImageRecord:
 
 def _set_pixels(pv: Any, image: np.ndarray) -> None:
     """Uncompressed pixels, with both sizes set to their byte count as NDPluginPva does."""
-    image = image.astype(ntndarray.published_dtype(image.dtype), copy=False)
-    pv["value"] = {ntndarray.union_field(image.dtype): image.ravel()}
-    pv["compressedSize"] = pv["uncompressedSize"] = image.nbytes
+    dtype, field = _pixel_field(image.dtype)
+    image = image.astype(dtype, copy=False)
+    pv["value"] = {field: image.ravel()}
+    pv.setLong("compressedSize", image.nbytes)
+    pv.setLong("uncompressedSize", image.nbytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _pixel_field(dtype: np.dtype) -> Tuple[np.dtype, str]:
+    """The published pixel type and its value-union member (asked per frame, answered once per dtype)."""
+    return ntndarray.published_dtype(dtype), ntndarray.union_field(dtype)
 
 
 # P:Status fields: a typed structure for tools and widgets, plus the whole snapshot as JSON.
