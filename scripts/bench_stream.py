@@ -38,9 +38,10 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # onnx_models: the identity model
-sys.path.insert(0, os.path.join(ROOT, "scripts"))  # pva_viewer: its report format
+sys.path.insert(0, os.path.join(ROOT, "scripts"))  # pva_viewer: the displays on every output
 
 from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
+from pva_viewer import ViewerProcess  # noqa: E402
 
 ROLES = ("sim", "appliance", "hpc", "bench")
 DETECTOR_PV = "BENCH:image"
@@ -233,40 +234,11 @@ class HpcConsumer:
         _signal(self.process, signal.SIGINT, 10.0)  # it prints its final statistics on the way out
 
 
-class ViewerProcess:
-    """``scripts/pva_viewer.py`` (p4p) on some output PVs: a beamline display subscribed as a user's would be."""
-
-    SCRIPT = os.path.join(ROOT, "scripts", "pva_viewer.py")
-
-    def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, name: str, pvs: Sequence[str],
-                 reach: str, queue_size: int) -> None:
-        self.name, self.pvs = name, list(pvs)
-        self.log_path = os.path.join(workdir, "viewer-{}.log".format(name))
-        self.process = subprocess.Popen([sys.executable, self.SCRIPT, *pvs, "--queue-size", str(queue_size)],
-                                        env=pva_env(ports, "bench", [reach]), stdout=open(self.log_path, "w"),
-                                        stderr=subprocess.STDOUT)
-
-    def connected(self) -> bool:
-        """Every PV has delivered its first update (the record's current value)."""
-        with open(self.log_path) as handle:
-            text = handle.read()
-        return all("connected {}".format(pv) in text for pv in self.pvs)
-
-    def freeze(self) -> None:
-        """A display that stops reading (a hung GUI): the process is stopped, its sockets stay open."""
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-
-    def report(self) -> Dict[str, Dict[str, Any]]:
-        """What each PV delivered to it, once it has stopped."""
-        self.thaw()
-        _signal(self.process, signal.SIGTERM, 10.0)
-        from pva_viewer import parse_report
-
-        with open(self.log_path) as handle:
-            return parse_report(handle.read())
+def start_viewer(ports: Dict[str, Dict[str, int]], workdir: str, name: str, pvs: Sequence[str], reach: str,
+                 queue_size: int) -> ViewerProcess:
+    """A p4p display on ``pvs`` of the ``reach`` process's server."""
+    return ViewerProcess(list(pvs), pva_env(ports, "bench", [reach]),
+                         os.path.join(workdir, "viewer-{}.log".format(name)), queue_size)
 
 
 def appliance_sections(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
@@ -396,7 +368,8 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
             time.sleep(0.1)  # remote state without an event
         if args.viewers:
             viewers = start_viewers(ports, workdir, args)
-            wait_viewers_connected(viewers, sim.first_frame_at + 20)
+            for viewer in viewers.values():
+                viewer.wait_connected(sim.first_frame_at + 20 - time.monotonic())
         ready = time.monotonic()
         trial["ready_margin_s"] = round(sim.first_frame_at - ready, 2)
         if ready > sim.first_frame_at - 0.3:
@@ -433,7 +406,7 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
         return trial
     finally:
         for viewer in viewers.values():
-            _signal(viewer.process, signal.SIGKILL, 5.0)
+            viewer.report(timeout=0)  # stopped, whatever happened
         if hpc is not None:
             hpc.stop()
         if appliance is not None:
@@ -441,24 +414,16 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
         sim.stop()
 
 
-def start_viewers(ports: Dict[str, Dict[str, int]], workdir: str, args: argparse.Namespace) -> Dict[str, "ViewerProcess"]:
+def start_viewers(ports: Dict[str, Dict[str, int]], workdir: str, args: argparse.Namespace) -> Dict[str, ViewerProcess]:
     """One display per consumer: the appliance's phase images and mosaic, the baseline's output."""
     return {
-        "appliance": ViewerProcess(ports, workdir, "appliance", [PREFIX + ":Phase", PREFIX + ":Mosaic"], "appliance",
-                                   args.viewer_queue_size),
-        "hpc": ViewerProcess(ports, workdir, "hpc", [HPC_OUTPUT], "hpc", args.viewer_queue_size),
+        "appliance": start_viewer(ports, workdir, "appliance", [PREFIX + ":Phase", PREFIX + ":Mosaic"], "appliance",
+                                  args.viewer_queue_size),
+        "hpc": start_viewer(ports, workdir, "hpc", [HPC_OUTPUT], "hpc", args.viewer_queue_size),
     }
 
 
-def wait_viewers_connected(viewers: Dict[str, "ViewerProcess"], deadline: float) -> None:
-    for viewer in viewers.values():
-        while not viewer.connected():
-            if viewer.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("viewer {} did not connect; see {}".format(viewer.name, viewer.log_path))
-            time.sleep(0.1)  # another process's log: no event to await
-
-
-def freeze_during_stream(viewer: "ViewerProcess", first_frame_at: float, args: argparse.Namespace) -> Dict[str, float]:
+def freeze_during_stream(viewer: ViewerProcess, first_frame_at: float, args: argparse.Namespace) -> Dict[str, float]:
     """Stop the viewer a third into the stream for ``--freeze-viewer`` seconds, then let it go on."""
     start = first_frame_at + args.duration / 3.0
     time.sleep(max(0.0, start - time.monotonic()))  # a point in the stream's schedule, not a wait for an event
@@ -734,8 +699,8 @@ def stages(args: argparse.Namespace, model: str, ports: Dict[str, Dict[str, int]
     record = server.add_image("BENCHSTAGES:Phase")
     viewer = None
     if args.viewers:
-        viewer = ViewerProcess(ports, workdir, "stages", ["BENCHSTAGES:Phase"], "bench", args.viewer_queue_size)
-        wait_viewers_connected({"stages": viewer}, time.monotonic() + 20)
+        viewer = start_viewer(ports, workdir, "stages", ["BENCHSTAGES:Phase"], "bench", args.viewer_queue_size)
+        viewer.wait_connected(20)
     batch_size = config.pipeline.max_batch
     names = ("ingest (decode + one write into the ring)", "batch (ring.take)",
              "inference (identity ONNX, batch {})".format(batch_size),

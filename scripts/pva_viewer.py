@@ -12,7 +12,8 @@ first update arrives, and then writes one JSON line per PV to stdout:
 ``missed`` counts uniqueIds between the first and the last that never arrived:
 the updates the server squashed because this viewer's queue was full (its own
 overruns). Latency is from the frame's ``timeStamp`` to arrival here (same host
-clock). A SIGSTOP'd viewer is a frozen display; after SIGCONT it reports as usual.
+clock). While it runs it prints ``latest PV ID`` when the newest uniqueId changes. A SIGSTOP'd
+viewer is a frozen display; after SIGCONT it catches up and reports as usual.
 
     python scripts/pva_viewer.py BENCH:Phase BENCH:Mosaic --queue-size 64
 """
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -90,10 +92,16 @@ def watch(pvs: List[str], queue_size: int) -> None:
 
 
 def _announce(tally: Tally, done: threading.Event) -> None:
-    while not done.is_set():
-        if tally.connected.wait(0.5):
-            print("connected {}".format(tally.pv), flush=True)
-            return
+    """``connected PV`` once, then ``latest PV ID`` whenever the newest uniqueId changed (twice a second)."""
+    while not done.is_set() and not tally.connected.wait(0.5):
+        pass
+    print("connected {}".format(tally.pv), flush=True)
+    shown = None
+    while not done.wait(0.5):
+        latest = tally.ids[-1] if tally.ids else None
+        if latest != shown:
+            print("latest {} {}".format(tally.pv, latest), flush=True)
+            shown = latest
 
 
 def parse_report(text: str) -> Dict[str, Dict[str, Any]]:
@@ -104,6 +112,65 @@ def parse_report(text: str) -> Dict[str, Dict[str, Any]]:
             summary = json.loads(line)
             found[summary["pv"]] = summary
     return found
+
+
+class ViewerProcess:
+    """This script in a child process, for benchmarks and tests: a display that can also freeze.
+
+    ``env`` carries the child's PVA search settings (loopback in benchmarks and tests).
+    """
+
+    def __init__(self, pvs: List[str], env: Dict[str, str], log_path: str, queue_size: int = 64) -> None:
+        self.pvs = list(pvs)
+        self.log_path = log_path
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *pvs, "--queue-size",
+                                         str(queue_size)], env=env, stdout=open(log_path, "w"),
+                                        stderr=subprocess.STDOUT)
+
+    def connected(self) -> bool:
+        """Every PV has delivered its first update (the record's current value)."""
+        with open(self.log_path) as handle:
+            text = handle.read()
+        return all("connected {}".format(pv) in text for pv in self.pvs)
+
+    def wait_connected(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.connected():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("viewer of {} did not connect; see {}".format(", ".join(self.pvs), self.log_path))
+            time.sleep(0.1)  # another process's log: no event to await
+
+    def wait_for_id(self, pv: str, unique_id: int, timeout: float) -> bool:
+        """Until ``pv`` has delivered ``unique_id`` (or a later one); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        prefix = "latest {} ".format(pv)
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with open(self.log_path) as handle:
+                latest = [int(line[len(prefix):]) for line in handle if line.startswith(prefix)]
+            if latest and latest[-1] >= unique_id:
+                return True
+            time.sleep(0.2)  # another process's log: no event to await
+        return False
+
+    def freeze(self) -> None:
+        """A display that stops reading (a hung GUI): the process is stopped, its sockets stay open."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def report(self, timeout: float = 10.0) -> Dict[str, Dict[str, Any]]:
+        """What each PV delivered, once the viewer has stopped (killed if it does not stop in ``timeout``)."""
+        if self.process.poll() is None:
+            self.thaw()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with open(self.log_path) as handle:
+            return parse_report(handle.read())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
