@@ -325,3 +325,67 @@ def test_outputs_of_a_type_ntndarray_cannot_carry_are_refused(tmp_path):
                                           r"for dtype complex64"):
         hotswap.check_outputs(engine, {PHASE: np.zeros((1, SIZE, SIZE), np.complex64)}, "warm-up")
 
+
+def external_scale_model(path, location: str, in_constant: bool = False) -> str:
+    """phase = scale * x with ``scale`` stored in the file ``location`` (relative to the model, as ONNX has it).
+
+    Written as bytes, not with onnx.save, which refuses such locations itself:
+    a deployed file need not have been made with onnx.
+    """
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [0.0])
+    del scale.float_data[:]
+    scale.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        scale.external_data.add(key=key, value=value)
+    shape = ["batch", 1, SIZE, SIZE]
+    nodes = [helper.make_node("Mul", ["input.1", "scale"], ["94"])]
+    initializers = [scale]
+    if in_constant:  # the tensor as a Constant node's attribute, where initializers are not looked for
+        nodes.insert(0, helper.make_node("Constant", [], ["scale"], value=scale))
+        initializers = []
+    graph = helper.make_graph(nodes, "external", [_value("input.1", shape)], [_value("94", shape)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    with open(str(path), "wb") as handle:
+        handle.write(model.SerializeToString())
+    return str(path)
+
+
+@pytest.fixture
+def external(tmp_path):
+    """An engines directory, a weights file in it and a secret beside it (outside)."""
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "weights.bin").write_bytes(np.float32(3.0).tobytes())
+    (tmp_path / "secret.bin").write_bytes(np.float32(7.0).tobytes())
+    os.symlink("../secret.bin", str(engines / "link.bin"))
+    return engines
+
+
+@pytest.mark.parametrize("location, in_constant, reason", [
+    ("../secret.bin", False, "external data location '../secret.bin' leaves the model's directory"),
+    ("sub/../../secret.bin", False, "external data location 'sub/../../secret.bin' leaves the model's directory"),
+    ("../secret.bin", True, "external data location '../secret.bin' leaves the model's directory"),
+    ("link.bin", False, "external data location 'link.bin' leads out of the model's directory (to "),
+    ("missing.bin", False, "external data location 'missing.bin': No such file or directory"),
+], ids=["dotdot", "dotdot-inside", "constant-node", "symlink-out", "missing"])
+def test_external_data_outside_the_model_directory_is_refused_before_the_backend_opens_it(
+        external, location, in_constant, reason):
+    path = external_scale_model(external / "model.onnx", location, in_constant)
+    with pytest.raises(EngineError) as error:
+        open_engine(path)
+    assert reason in str(error.value)
+
+
+def test_an_absolute_external_data_path_is_refused(external):
+    secret = str(external.parent / "secret.bin")
+    path = external_scale_model(external / "model.onnx", secret)
+    with pytest.raises(EngineError, match="external data location '{}' is not a path relative to the model's "
+                                          "directory".format(re.escape(secret))):
+        open_engine(path)
+
+
+def test_external_data_inside_the_model_directory_is_used(external):
+    engine = open_engine(external_scale_model(external / "model.onnx", "weights.bin"))
+    frames = np.ones((2, SIZE, SIZE), np.float32)
+    np.testing.assert_array_equal(engine.run(frames)[PHASE], 3.0 * frames)
