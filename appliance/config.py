@@ -56,7 +56,7 @@ class PreprocessConfig:
     """Crop margins (top, bottom, left, right) then square mean-binning."""
 
     crop: Tuple[int, int, int, int] = field(
-        default=(0, 0, 0, 0), metadata=check(lambda v: min(v) >= 0, "four margins >= 0")
+        default=(0, 0, 0, 0), metadata=check(lambda v: 0 <= min(v) and max(v) <= 65535, "four margins 0..65535")
     )
     bin: int = field(default=1, metadata=check(lambda v: 1 <= v <= 64, "1..64"))
 
@@ -69,10 +69,10 @@ class EngineConfig:
         default="auto",
         metadata=check(lambda v: v in ("auto", "onnxruntime", "tensorrt"), "auto, onnxruntime or tensorrt"),
     )
-    cpu_threads: int = field(default=0, metadata=check(lambda v: v >= 0, "0 (library default) or more"))
+    cpu_threads: int = field(default=0, metadata=check(lambda v: 0 <= v <= 256, "0 (library default)..256"))
     settle_s: float = field(default=1.0, metadata=check(lambda v: 0 <= v <= 600, "0..600 s"))
-    max_file_mb: int = field(default=2048, metadata=check(lambda v: v >= 1, ">= 1"))
-    fault_limit: int = field(default=3, metadata=check(lambda v: v >= 1, ">= 1"))
+    max_file_mb: int = field(default=2048, metadata=check(lambda v: 1 <= v <= 65536, "1..65536 MiB"))
+    fault_limit: int = field(default=3, metadata=check(lambda v: 1 <= v <= 1000, "1..1000"))
     auto_build: str = field(
         default="fp16",
         metadata=check(lambda v: v in ("off", "fp32", "fp16", "int8"), "off, fp32, fp16 or int8 (Q/DQ models only)"),
@@ -95,13 +95,13 @@ class PipelineConfig:
     max_batch: int = field(default=8, metadata=check(lambda v: 1 <= v <= 4096, "1..4096"))
     max_wait_ms: float = field(default=5.0, metadata=check(lambda v: 0 <= v <= 10000, "0..10000 ms"))
     in_flight: int = field(default=2, metadata=check(lambda v: 1 <= v <= 16, "1..16"))
-    ring_capacity: int = field(default=4096, metadata=check(lambda v: 2 <= v <= 10**7, "2..10000000"))
+    ring_capacity: int = field(default=4096, metadata=check(lambda v: 2 <= v <= 65536, "2..65536 frames"))
     overflow: str = field(
         default="drop_newest",
         metadata=check(lambda v: v in ("drop_newest", "backpressure"), "drop_newest or backpressure"),
     )
-    backpressure_timeout_ms: float = field(default=100.0, metadata=check(lambda v: v >= 0, ">= 0"))
-    drain_timeout_s: float = field(default=10.0, metadata=check(lambda v: v >= 0, ">= 0 s"))
+    backpressure_timeout_ms: float = field(default=100.0, metadata=check(lambda v: 0 <= v <= 10000, "0..10000 ms"))
+    drain_timeout_s: float = field(default=10.0, metadata=check(lambda v: 0 <= v <= 3600, "0..3600 s"))
 
     def __post_init__(self) -> None:
         if self.ring_capacity < self.max_batch:
@@ -119,17 +119,38 @@ class PublishConfig:
     latency_window: int = field(default=10000, metadata=check(lambda v: 10 <= v <= 10**6, "10..1000000"))
 
 
+PIXEL_SIZE_M = check(lambda v: 1e-12 <= v <= 1e-2, "1e-12..0.01 (metres)")
+EXTENT_LIMIT_M = 10.0  # farther than any sample stage moves
+
+
+def _is_extent(value: Tuple[float, float, float, float]) -> bool:
+    x_min, x_max, y_min, y_max = value
+    return all(abs(v) <= EXTENT_LIMIT_M for v in value) and x_min < x_max and y_min < y_max
+
+
 @dataclass(frozen=True)
 class MosaicConfig:
     enabled: bool = True
-    pixel_size_m: Optional[float] = field(default=None, metadata=check(lambda v: v > 0, "> 0 (metres)"))
+    pixel_size_m: Optional[float] = field(default=None, metadata=PIXEL_SIZE_M)
     window: str = field(default="gaussian", metadata=check(lambda v: v in ("gaussian", "hann", "flat"), "gaussian, hann or flat"))
     window_sigma_px: float = field(default=8.0, metadata=check(lambda v: 0.5 <= v <= 4096, "0.5..4096 pixels"))
     publish_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
     max_pixels: int = field(default=2048 * 2048, metadata=check(lambda v: 1024 <= v <= 2**28, "1024..268435456"))
     extent_m: Optional[Tuple[float, float, float, float]] = field(
-        default=None, metadata=check(lambda v: v[0] < v[1] and v[2] < v[3], "[x_min, x_max, y_min, y_max] with min < max")
+        default=None,
+        metadata=check(_is_extent, "[x_min, x_max, y_min, y_max] in -10..10 m with min < max"),
     )
+
+    def __post_init__(self) -> None:
+        if self.extent_m is None or self.pixel_size_m is None:
+            return  # with the manifest's pixel size, the mosaic checks its canvas when it starts
+        x_min, x_max, y_min, y_max = self.extent_m
+        pixels = ((x_max - x_min) / self.pixel_size_m) * ((y_max - y_min) / self.pixel_size_m)
+        if pixels > self.max_pixels:
+            raise ValueError(
+                "mosaic.extent_m at mosaic.pixel_size_m {:g} m is {:.3g} pixels, more than mosaic.max_pixels "
+                "({})".format(self.pixel_size_m, pixels, self.max_pixels)
+            )
 
 
 @dataclass(frozen=True)
@@ -142,19 +163,20 @@ class Config:
     mosaic: MosaicConfig = field(default_factory=MosaicConfig)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a hand-written config is a few kB
+
+
 def load_config(path: str) -> Config:
     """Read and validate a config file; raises SchemaError (or OSError) with the file named."""
     with open(path, "r", encoding="utf-8") as handle:
-        text = handle.read()
+        text = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise SchemaError(path, ["more than {} characters; a configuration is a few kB".format(MAX_CONFIG_BYTES)])
     return parse_config(text, path)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SchemaError(source, ["not valid YAML: {}".format(exc)]) from exc
-    config = schema.load(Config, data, source)
+    config = schema.load(Config, schema.parse_yaml(text, source), source)
     return _resolve_paths(config, os.path.dirname(os.path.abspath(source)))
 
 

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -28,21 +29,31 @@ import numpy as np
 from appliance.config import EngineConfig
 from appliance.engines import ONNX_SUFFIXES, is_engine_file, open_engine
 from appliance.engines.autobuild import EngineBuilds
-from appliance.engines.base import BackendUnavailable, Engine, EngineError, file_sha256, run_padded
-from appliance.engines.manifest import load_golden, manifest_path
+from appliance.engines.base import (
+    BackendUnavailable, Engine, EngineError, SizeLimit, file_sha256, first_line, regular_file_size, run_padded,
+)
+from appliance.engines.manifest import load_golden, manifest_path, read_manifest_bytes
+from appliance.ntndarray import published_dtype
+from appliance.schema import excerpt
 
 log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 _POLL_S = 1.0  # rescan period where inotify is not available
+_TIMED_BATCHES = 3  # the fastest of these full batches is the candidate's throughput
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What the stream feeds an engine: fixed once the ring exists."""
+    """What the stream feeds an engine: fixed once the ring exists.
+
+    ``input_rate_hz``: the stream's current frames/s (0 while not known); a
+    candidate slower than that would drop frames from its first batch on.
+    """
 
     image_shape: Tuple[int, int]
     dtype: np.dtype
+    input_rate_hz: Optional[Callable[[], float]] = None
 
 
 @dataclass(frozen=True)
@@ -69,25 +80,28 @@ def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream:
     ``sha256``: the file's, when the caller has just hashed it (engines can be large).
     """
     try:
-        size = os.path.getsize(path)
+        size = regular_file_size(path, file_limit(engine_config))
     except OSError as exc:
         raise EngineError("{}: cannot read: {}".format(path, exc.strerror or exc)) from exc
     if size == 0:
         raise EngineError("{}: empty file".format(path))
     if engine_config.backend == "onnxruntime" and not path.lower().endswith(ONNX_SUFFIXES):
         raise EngineError("{}: a TensorRT engine, but engine.backend is onnxruntime".format(path))
-    limit = engine_config.max_file_mb * 1024 * 1024
-    if size > limit:
-        raise EngineError("{}: {} bytes, more than engine.max_file_mb ({} MiB)".format(path, size, engine_config.max_file_mb))
     engine = open_engine(path, dynamic_batch, engine_config.cpu_threads, sha256)
     try:
         _check_fits_stream(engine, stream)
-        _warm_up(engine)
+        frame = _warm_up(engine)
         _check_golden(engine)
+        _check_throughput(engine, frame, stream)
     except Exception:
         engine.close()
         raise
     return engine
+
+
+def file_limit(engine_config: EngineConfig) -> SizeLimit:
+    """engine.max_file_mb: larger files are refused before a byte of them is read."""
+    return SizeLimit(engine_config.max_file_mb << 20, "engine.max_file_mb ({} MiB)".format(engine_config.max_file_mb))
 
 
 def _check_fits_stream(engine: Engine, stream: Optional[StreamSpec]) -> None:
@@ -102,8 +116,8 @@ def _check_fits_stream(engine: Engine, stream: Optional[StreamSpec]) -> None:
         )
 
 
-def _warm_up(engine: Engine) -> None:
-    """One inference before serving: a model's first run is slow, and may fail."""
+def _warm_up(engine: Engine) -> np.ndarray:
+    """One inference before serving: a model's first run is slow, and may fail. Returns the frame it ran."""
     frames = np.zeros((1,) + engine.io.image_shape, dtype=engine.io.input.dtype)
     try:
         outputs = run_padded(engine, frames)
@@ -112,6 +126,42 @@ def _warm_up(engine: Engine) -> None:
     for role in engine.io.outputs:
         if role not in outputs or outputs[role].shape[0] != 1:
             raise EngineError("{}: warm-up produced no {} output".format(engine.path, role))
+    check_outputs(engine, outputs, "warm-up")
+    return frames[0]
+
+
+def check_outputs(engine: Engine, outputs: Dict[str, np.ndarray], what: str) -> None:
+    """Outputs the pipeline could publish: of a type NTNDArray carries, and all finite.
+
+    A model giving NaN would have its frames dropped until the run-time fault
+    limit demotes it; better refused before it serves a frame.
+    """
+    for role, values in outputs.items():
+        try:
+            published_dtype(values.dtype)
+        except ValueError as exc:
+            raise EngineError("{}: {} output {} cannot be published: {}".format(engine.path, what, role, exc)) from exc
+        bad = int(values.size - np.count_nonzero(np.isfinite(values))) if values.dtype.kind == "f" else 0
+        if bad:
+            raise EngineError("{}: {} output {} is not finite: {} of {} values NaN or Inf".format(
+                engine.path, what, role, bad, values.size))
+
+
+def _check_throughput(engine: Engine, frame: np.ndarray, stream: Optional[StreamSpec]) -> None:
+    """Measure frames/s of a full batch (kept on the engine); refuse one slower than the stream now is."""
+    batch = np.repeat(frame[np.newaxis], engine.io.batch.size, axis=0)
+    fastest = float("inf")
+    for _ in range(_TIMED_BATCHES):
+        started = time.perf_counter()
+        run_padded(engine, batch)
+        fastest = min(fastest, time.perf_counter() - started)
+    engine.frames_per_s = len(batch) / max(fastest, 1e-9)
+    rate = stream.input_rate_hz() if stream is not None and stream.input_rate_hz is not None else 0.0
+    if rate > 0 and engine.frames_per_s < rate:
+        raise EngineError(
+            "{}: too slow for the stream: {:.4g} frames/s (fastest of {} full batches of {}); the stream brings "
+            "{:.4g} frames/s".format(engine.path, engine.frames_per_s, _TIMED_BATCHES, len(batch), rate)
+        )
 
 
 def _check_golden(engine: Engine) -> None:
@@ -119,12 +169,17 @@ def _check_golden(engine: Engine) -> None:
     if manifest is None or manifest.golden is None:
         return
     frames, expected = load_golden(engine.path, manifest.golden)
-    frames = frames.reshape((-1,) + engine.io.image_shape).astype(engine.io.input.dtype)
+    frames = _golden_frames(engine, frames)
     outputs = run_padded(engine, frames)
     for role, want in expected.items():
         if role not in outputs:
             raise EngineError("{}: golden pair has {} but the model has no such output".format(engine.path, role))
-        got = outputs[role].reshape(want.shape)
+        got = outputs[role]
+        if want.size != got.size or not _is_numeric(want):
+            raise EngineError("{}: golden {} is {} {}; the model gives {} {} for the {} golden frames".format(
+                engine.path, role, want.dtype, list(want.shape), got.dtype, list(got.shape), len(frames)))
+        got = got.reshape(want.shape)
+        check_outputs(engine, {role: got}, "golden")
         close = np.isclose(got, want, rtol=manifest.golden.rtol, atol=manifest.golden.atol)
         if not close.all():
             worst = float(np.max(np.abs(got - want)))
@@ -133,6 +188,19 @@ def _check_golden(engine: Engine) -> None:
                     engine.path, int((~close).sum()), close.size, role, manifest.golden.atol, manifest.golden.rtol, worst
                 )
             )
+
+
+def _golden_frames(engine: Engine, frames: np.ndarray) -> np.ndarray:
+    """The golden input as a batch of the model's frames; EngineError unless it is whole numeric frames."""
+    height, width = engine.io.image_shape
+    if frames.size == 0 or frames.size % (height * width) or not _is_numeric(frames):
+        raise EngineError("{}: golden input is {} {}; expected one or more {}x{} frames of numbers".format(
+            engine.path, frames.dtype, list(frames.shape), height, width))
+    return frames.reshape((-1, height, width)).astype(engine.io.input.dtype)
+
+
+def _is_numeric(values: np.ndarray) -> bool:
+    return values.dtype.kind in "biuf"
 
 
 def _stamp(path: str) -> Tuple[Tuple[int, int], ...]:
@@ -147,6 +215,11 @@ def _stamp(path: str) -> Tuple[Tuple[int, int], ...]:
     return tuple(stamps)
 
 
+def _deployed_ns(path: str) -> int:
+    """When ``path`` was put in place: a symlink counts from its own making or its target's change."""
+    return max(os.lstat(path).st_mtime_ns, os.stat(path).st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class Content:
     """What a candidate is, by content: the file is read once for both hashes."""
@@ -155,14 +228,12 @@ class Content:
     sha256: str  # the file's alone: what users compare with sha256sum, and manifests name
 
 
-def content_of(path: str) -> Content:
-    sha256 = file_sha256(path)
+def content_of(path: str, limit: Optional[SizeLimit] = None) -> Content:
+    """Raises EngineError for what must not be read (see :func:`appliance.engines.base.open_regular_file`)."""
+    sha256 = file_sha256(path, limit)
     digest = hashlib.sha256(sha256.encode())
-    try:
-        with open(manifest_path(path), "rb") as handle:
-            digest.update(handle.read())
-    except FileNotFoundError:
-        digest.update(b"\0absent")
+    manifest = read_manifest_bytes(manifest_path(path))
+    digest.update(b"\0absent" if manifest is None else manifest)
     return Content(digest.hexdigest(), sha256)
 
 
@@ -205,6 +276,7 @@ class EngineManager:
         self._thread: Optional[threading.Thread] = None
         self._directory_error: Optional[str] = None
         self._rescan_requested = False
+        self._death = ""  # why the manager thread ended, if it did on its own
 
     # -- called from other threads ------------------------------------------------
     def start(self) -> None:
@@ -240,8 +312,12 @@ class EngineManager:
     def status(self) -> Dict[str, object]:
         builds = self._builds.status() if self._builds is not None else {}
         verdicts = list(self.verdicts)  # the manager thread appends meanwhile
+        with self._lock:
+            pending = sorted(self._last_event)
         return {
             **builds,
+            "engine_manager": self._thread_state(),
+            "engine_pending": pending,
             "engine_swaps": self.swaps,
             "engine_rejections": self.rejections,
             "engine_directory_error": self._directory_error or "",
@@ -250,6 +326,16 @@ class EngineManager:
             ],
             "last_rejection": next((v.describe() for v in reversed(verdicts) if not v.accepted), ""),
         }
+
+    def _thread_state(self) -> str:
+        """running, or why not: a manager that died judges nothing more, and P:Status must say so."""
+        if self._death:
+            return self._death
+        if self._thread is None:
+            return "not started"
+        if self._thread.is_alive():
+            return "running"
+        return "stopped" if self._stop.is_set() else "died"
 
     # -- the manager thread ---------------------------------------------------------
     def _run(self) -> None:
@@ -264,25 +350,37 @@ class EngineManager:
                 build_finished = self._builds is not None and self._builds.poll()
                 if self._settled_now() or watcher.polling or build_finished:
                     self._reconcile()
-        except Exception:  # the service goes on with the engine it has
+        except Exception as exc:  # the service goes on with the engine it has
+            self._death = "died: {}: {}".format(type(exc).__name__, excerpt(first_line(exc), 200))
             log.exception("engine manager stopped; the serving engine stays")
         finally:
             watcher.close()
 
     def _timeout(self) -> float:
-        """Until the next file settles, or the polling period."""
+        """Until the next closed file settles, or the polling period.
+
+        A file still open for writing does not count: its close is an event that wakes us.
+        """
         with self._lock:
-            pending = [t + self._config.settle_s for t in self._last_event.values()]
+            pending = [t + self._config.settle_s for n, t in self._last_event.items() if not self._writing.get(n)]
         if not pending:
             return _POLL_S
         return max(0.01, min(pending) - time.monotonic())
 
     def _note_event(self, name: str, closed: bool) -> None:
+        if not closed and not self._is_regular(name):
+            closed = True  # a symlink, directory or FIFO is complete once created: no close will follow
         if name.endswith(".yaml"):
             name = name[: -len(".yaml")]  # a manifest change is a change of its engine
         with self._lock:
             self._last_event[name] = time.monotonic()
             self._writing[name] = not closed
+
+    def _is_regular(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(os.path.join(self._directory, name)).st_mode)
+        except OSError:
+            return False  # gone already: nothing is left to wait for
 
     def _settled_now(self) -> bool:
         """True when a changed file has been closed and quiet for settle_s, or a rescan was asked for."""
@@ -317,22 +415,48 @@ class EngineManager:
             self.swaps += 1
 
     def _select(self) -> Optional[Engine]:
-        """The newest file that validates, unless that is the one already serving in its best form."""
-        for path in self._candidates():
-            if path == self.active_path and self._unchanged(path):
-                return self._upgrade()
-            try:
-                content = self._content(path)
-            except OSError:
-                continue  # vanished since listing
-            engine = self._first_valid(path, content, self._built_forms(path, content) + [path])
+        """The newest file that validates, unless that is the one already serving in its best form.
+
+        Files older than the serving one are not considered while it is there: a
+        serving file whose new content (or manifest) fails, or is still being
+        written, keeps serving from memory rather than giving way, silently, to an
+        older model. Files being written are judged once they have settled.
+        """
+        for path, pending in self._candidates():
+            if path == self.active_path:
+                return None if pending else self._active_again(path)
+            engine = None if pending else self._judge(path)
             if engine is not None:
                 return engine
-            if content.key in self._unjudged:
-                self._request_build(path, content)
         if self.active_path and not os.path.exists(self.active_path):
             log.warning("%s was removed and no other engine validates; it keeps serving from memory", self.active_path)
         return None
+
+    def _active_again(self, path: str) -> Optional[Engine]:
+        """The serving file once more: its built form, its new content, or (None) the engine in memory."""
+        if self._unchanged(path):
+            return self._upgrade()
+        engine = self._judge(path)
+        if engine is None:
+            log.warning("%s changed and does not validate; the engine loaded from it keeps serving", path)
+        return engine
+
+    def _judge(self, path: str) -> Optional[Engine]:
+        """``path``'s engine if it (or its built form) validates; whatever fails is rejected with its reason."""
+        try:
+            content = self._content(path)
+        except FileNotFoundError:
+            return None  # vanished since listing
+        except OSError as exc:
+            self._reject_unread(path, "{}: cannot read: {}".format(path, exc.strerror or exc))
+            return None
+        except EngineError as exc:
+            self._reject_unread(path, str(exc))
+            return None
+        engine = self._first_valid(path, content, self._built_forms(path, content) + [path])
+        if engine is None and content.key in self._unjudged:
+            self._request_build(path, content)
+        return engine
 
     def _built_forms(self, path: str, content: Content) -> List[str]:
         """The TensorRT engine built from the ONNX model ``path``, if there is one: it serves before the model."""
@@ -360,12 +484,12 @@ class EngineManager:
         for form in forms:
             try:
                 form_content = content if form == path else self._content(form)
-            except OSError:
-                continue
+            except (OSError, EngineError):
+                continue  # a built engine gone from the cache (or made unreadable): the next form
             if form_content.key in self._rejected:
                 continue
             try:
-                engine = validate(form, self._config, self._dynamic_batch, self.stream, form_content.sha256)
+                engine = self._validate(form, form_content)
             except EngineError as exc:
                 self._reject(form, form_content, str(exc))
                 if form != path and self._builds is not None:
@@ -374,16 +498,28 @@ class EngineManager:
                     self._unjudged.add(content.key)
                 continue
             self.active_path, self._active, self._serving = path, content, (form, form_content)
-            self._verdict(form, form_content, True, "accepted: " + engine.describe())
+            self._verdict(form, form_content, True, "accepted: {}; {:.4g} frames/s".format(
+                engine.describe(), engine.frames_per_s))
             if form == path:
                 self._request_build(path, content)
             return engine
         return None
 
+    def _validate(self, path: str, content: Content) -> Engine:
+        """:func:`validate`, with any failure an EngineError: one file must never end the manager thread."""
+        try:
+            return validate(path, self._config, self._dynamic_batch, self.stream, content.sha256)
+        except EngineError:
+            raise
+        except Exception as exc:  # a library's (or our) surprise on this file; the next file is judged as usual
+            log.exception("validating %s failed unexpectedly", path)
+            raise EngineError("{}: validation failed unexpectedly: {}: {}".format(
+                path, type(exc).__name__, excerpt(first_line(exc), 200))) from exc
+
     def _unchanged(self, path: str) -> bool:
         try:
             return self._content(path) == self._active
-        except OSError:
+        except (OSError, EngineError):
             return False
 
     def _content(self, path: str) -> Content:
@@ -392,12 +528,12 @@ class EngineManager:
         cached = self._contents.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        content = content_of(path)
+        content = content_of(path, file_limit(self._config))
         self._contents[path] = (stamp, content)
         return content
 
-    def _candidates(self) -> List[str]:
-        """Engine files, newest first, that are not being written."""
+    def _candidates(self) -> List[Tuple[str, bool]]:
+        """(path, pending) of the engine files, newest first; pending: being written, or not settled yet."""
         try:
             names = os.listdir(self._directory)
             self._directory_error = None
@@ -414,14 +550,20 @@ class EngineManager:
             del self._contents[gone]
         stamped = []
         for name in names:
-            if not is_candidate(name) or name in writing:
+            if not is_candidate(name):
                 continue
             path = os.path.join(self._directory, name)
             try:
-                stamped.append((os.stat(path).st_mtime_ns, path))
+                stamped.append((_deployed_ns(path), path, name in writing))
             except OSError:
                 continue
-        return [path for _, path in sorted(stamped, reverse=True)]
+        return [(path, pending) for _, path, pending in sorted(stamped, reverse=True)]
+
+    def _reject_unread(self, path: str, reason: str) -> None:
+        """A file refused before it could be hashed: remembered by name and (size, mtime) instead."""
+        key = "unread {} {}".format(path, _stamp(path))
+        if key not in self._rejected:
+            self._reject(path, Content(key, ""), reason)
 
     def _reject(self, path: str, content: Content, reason: str) -> None:
         self._rejected[content.key] = reason

@@ -129,7 +129,7 @@ class Appliance:
         self._add_output_records(engine)
         self._start_mosaic(engine)
         if self._engines is not None:
-            self._engines.stream = StreamSpec(self._ring.frame_shape, self._ring.dtype)
+            self._engines.stream = StreamSpec(self._ring.frame_shape, self._ring.dtype, self._input_rate_hz)
         self._pipeline = Pipeline(
             config.pipeline, self._ring, engine, self._deliver, self.telemetry,
             on_fault=self._engines.report_fault if self._engines is not None else None,
@@ -141,6 +141,10 @@ class Appliance:
         self._source.start()
         self._state = "serving"
         log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
+
+    def _input_rate_hz(self) -> float:
+        """The stream's frames/s over the last status period: a new engine slower than that is refused."""
+        return float(self._latest_status.get("rate_in_hz") or 0.0)  # type: ignore[arg-type]
 
     def _add_output_records(self, engine: Engine) -> None:
         """P:Amplitude appears with the first engine that has an amplitude output, and then stays."""

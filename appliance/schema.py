@@ -11,12 +11,46 @@ for constraints beyond the type (ranges, patterns).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, List, Mapping, Tuple, Type, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
 _NONE_TYPE = type(None)
+_SHOWN_PROBLEMS = 50  # in a SchemaError's message; all of them stay in .problems
+EXCERPT_CHARS = 60  # of a value quoted in a message: a hostile document must not make the message huge
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return "{}... ({} characters)".format(text[:limit], len(text))
+
+
+class _AliasFreeLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a few lines of aliases can stand for billions of nodes
+    (the "billion laughs"), which checking and quoting would then walk; hand-written config needs none."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*{}) are not accepted; write the value out".format(excerpt(str(event.anchor))),
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document ``text`` as plain data; SchemaError naming ``source`` if it is not valid or uses aliases."""
+    try:
+        return yaml.load(text, Loader=_AliasFreeLoader)
+    except yaml.YAMLError as exc:
+        raise SchemaError(source, ["not valid YAML: {}".format(excerpt(str(exc), 400))]) from exc
 
 
 class SchemaError(ValueError):
@@ -25,9 +59,10 @@ class SchemaError(ValueError):
     def __init__(self, source: str, problems: List[str]) -> None:
         self.source = source
         self.problems = problems
+        shown = problems[:_SHOWN_PROBLEMS]
+        more = ["  ... and {} more".format(len(problems) - len(shown))] if len(problems) > len(shown) else []
         super().__init__(
-            "{}: {} problem(s)\n".format(source, len(problems))
-            + "\n".join("  - " + p for p in problems)
+            "{}: {} problem(s)\n".format(source, len(problems)) + "\n".join(["  - " + p for p in shown] + more)
         )
 
 
@@ -57,13 +92,13 @@ def dump(value: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
-    return "{!r} ({})".format(value, type(value).__name__)
+    return "{} ({})".format(excerpt(repr(value)), type(value).__name__)
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if tp is float:
-        return "a number"
+        return "a finite number"
     if tp is int:
         return "an integer"
     if tp is bool:
@@ -133,8 +168,8 @@ def _convert_scalar(tp: Any, data: Any, where: str, problems: List[str]) -> Any:
         ok = isinstance(data, bool)
     elif tp is int:
         ok = isinstance(data, int) and not isinstance(data, bool)
-    elif tp is float:
-        ok = isinstance(data, (int, float)) and not isinstance(data, bool)
+    elif tp is float:  # never inf or nan: no setting means "forever", and nan passes no range check
+        ok = isinstance(data, (int, float)) and not isinstance(data, bool) and _finite(data)
         data = float(data) if ok else data
     elif tp is str:
         ok = isinstance(data, str)
@@ -205,5 +240,12 @@ def _convert_dataclass(cls: Any, data: Any, path: str, problems: List[str]) -> A
         return None
 
 
+def _finite(number: Any) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def _join(path: str, key: str) -> str:
-    return "{}.{}".format(path, key) if path else key
+    return "{}.{}".format(path, excerpt(key)) if path else excerpt(key)

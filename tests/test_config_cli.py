@@ -43,7 +43,7 @@ unknown_section: {}
     message = str(error.value)
     for expected in [
         "pipeline.max_batch: got 0 (int); expected 1..4096",
-        "pipeline.max_wait_ms: got 'fast' (str); expected a number",
+        "pipeline.max_wait_ms: got 'fast' (str); expected a finite number",
         "pipeline.typo: unknown key",
         "detector.pv: got 'has space' (str); expected a PV name",
         "detector.queue_size: got 10.5 (float); expected an integer",

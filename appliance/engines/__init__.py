@@ -11,6 +11,7 @@ from typing import Optional
 
 from appliance.engines.base import Engine, EngineError, file_sha256
 from appliance.engines.manifest import Manifest, load_manifest
+from appliance.engines.onnx_external import check_external_data_of
 
 ONNX_SUFFIXES = (".onnx",)
 TENSORRT_SUFFIXES = (".engine", ".plan", ".trt")
@@ -40,6 +41,8 @@ def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0, sha256:
     _check_sha256(path, sha256, manifest)
     if path.lower().endswith(ONNX_SUFFIXES):
         from appliance.engines.onnxruntime import OnnxRuntimeEngine
+
+        check_external_data_of(path)  # before a backend opens what the model names
 
         return OnnxRuntimeEngine(path, sha256, manifest, dynamic_batch, cpu_threads)
     from appliance.engines.tensorrt import TensorRtEngine

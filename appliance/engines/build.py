@@ -31,6 +31,7 @@ import numpy as np
 from appliance import cuda
 from appliance.engines.base import EngineError, file_sha256
 from appliance.engines.manifest import GoldenPair, Manifest, TrainedPreprocess, load_manifest, write_manifest
+from appliance.engines.onnx_external import check_external_data
 from appliance.engines.tensorrt import import_tensorrt, make_logger, version_tuple
 from appliance.preprocess import Preprocessor
 
@@ -148,6 +149,10 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: str, expect_sha256: O
     if expect_sha256 and sha256 != expect_sha256:
         raise BuildError("{} changed before it could be built (sha256 {}, expected {}); its new content is built "
                          "on its own".format(onnx_path, sha256, expect_sha256))
+    try:
+        check_external_data(onnx_path, model)
+    except EngineError as exc:
+        raise BuildError(str(exc)) from exc
     if not parser.parse(model):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BuildError("TensorRT cannot parse {}: {}".format(onnx_path, "; ".join(errors) or "no reason given"))

@@ -16,8 +16,12 @@ import numpy as np
 import yaml
 
 from appliance import schema
-from appliance.engines.base import OUTPUT_ROLES, EngineError
+from appliance.config import PIXEL_SIZE_M
+from appliance.engines.base import OUTPUT_ROLES, EngineError, SizeLimit, open_regular_file
 from appliance.schema import SchemaError, check
+
+MANIFEST_LIMIT = SizeLimit(1 << 20, "1 MiB, the most a manifest may have")
+GOLDEN_LIMIT = SizeLimit(256 << 20, "256 MiB, the most a golden file may have")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Manifest:
         default_factory=dict,
         metadata=check(lambda v: all(k in OUTPUT_ROLES for k in v), "roles among " + ", ".join(OUTPUT_ROLES)),
     )
-    pixel_size_m: Optional[float] = field(default=None, metadata=check(lambda v: v > 0, "> 0"))
+    pixel_size_m: Optional[float] = field(default=None, metadata=PIXEL_SIZE_M)
     preprocess: Optional[TrainedPreprocess] = None
     golden: Optional[GoldenPair] = None
     sha256: Optional[str] = field(
@@ -61,17 +65,36 @@ def manifest_path(engine_path: str) -> str:
 def load_manifest(engine_path: str) -> Optional[Manifest]:
     """The manifest beside ``engine_path``, None if there is none."""
     path = manifest_path(engine_path)
-    if not os.path.exists(path):
+    text = read_manifest_text(path)
+    if text is None:
         return None
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError) as exc:
-        raise EngineError("{}: cannot read manifest: {}".format(path, exc)) from exc
-    try:
-        return schema.load(Manifest, data, path)
+        return schema.load(Manifest, schema.parse_yaml(text, path), path)
     except SchemaError as exc:
         raise EngineError(str(exc)) from exc
+
+
+def read_manifest_bytes(path: str) -> Optional[bytes]:
+    """The manifest file's bytes, None if there is none; EngineError if it is no readable manifest."""
+    try:
+        with open_regular_file(path, MANIFEST_LIMIT) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise EngineError("{}: cannot read manifest: {}".format(path, exc.strerror or exc)) from exc
+
+
+def read_manifest_text(path: str) -> Optional[str]:
+    """The manifest as text, None if there is none; EngineError unless it is UTF-8."""
+    data = read_manifest_bytes(path)
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EngineError("{}: manifest is not UTF-8 text: byte 0x{:02x} at offset {}".format(
+            path, data[exc.start], exc.start)) from exc
 
 
 def load_golden(engine_path: str, golden: GoldenPair) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
@@ -81,8 +104,9 @@ def load_golden(engine_path: str, golden: GoldenPair) -> Tuple[np.ndarray, Dict[
     def read(name: str) -> np.ndarray:
         path = os.path.join(base, name)
         try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            with open_regular_file(path, GOLDEN_LIMIT) as handle:
+                return np.load(handle, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
             raise EngineError("{}: cannot read golden file {}: {}".format(engine_path, path, exc)) from exc
 
     expected = {"phase": read(golden.phase)}
