@@ -22,8 +22,10 @@ from typing import List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
+from pva_viewer import ViewerProcess, loopback_viewer_env  # noqa: E402
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -61,14 +63,17 @@ def main(argv: List[str]) -> int:
         with open(path, "rb") as handle:
             blobs[scale] = handle.read()
     config = write_config(os.path.join(work, "config.yaml"), "BENCHHS:det", "BENCHHS", engine_dir=engines,
-                          pipeline={"max_batch": 8, "max_wait_ms": 2})
+                          pipeline={"max_batch": 8, "max_wait_ms": 2}, mosaic={"pixel_size_m": 1e-8})
     env = dict(os.environ)
     env.update(loopback_env(theirs, mine))
     env["PYTHONPATH"] = ROOT
     detector = DetectorServer("BENCHHS:det")
     app = ApplianceProcess(config, env, "BENCHHS")
     app.wait_ready()
-    viewer = Viewer("BENCHHS:Phase", keep_images=False)
+    viewer = Viewer("BENCHHS:Phase", keep_images=False)  # swap latency: which engine made each frame
+    display = ViewerProcess(["BENCHHS:Phase", "BENCHHS:Mosaic"], loopback_viewer_env(env, theirs["udp"]),  # and a beamline's display
+                            os.path.join(work, "viewer.log"))
+    display.wait_connected(30)
 
     image = np.full((args.size, args.size), 100, np.uint16)
     stop = threading.Event()
@@ -97,9 +102,12 @@ def main(argv: List[str]) -> int:
     streamer.join()
     items = viewer.wait_for(sent[0], timeout=30)
     status = app.wait_counts(published=sent[0])
+    display.wait_for_id("BENCHHS:Phase", sent[0], timeout=30)
+    displayed = display.report()
     app.stop()
     detector.close()
-
+    for pv, seen in sorted(displayed.items()):
+        print("display {}: {} frames, {} missed (its own overruns)".format(pv, seen["frames"], seen.get("missed", 0)))
     return report(items, swaps, quiet_end, status, sent[0])
 
 

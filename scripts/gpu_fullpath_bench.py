@@ -64,6 +64,7 @@ from bench_stream import DETECTOR_PV, FRAME_SIZE, PREFIX, RESULT_TAG, Simulator,
 from appliance.engines.base import AMPLITUDE, PHASE, BatchSpec, Engine, EngineIO, TensorSpec  # noqa: E402
 
 OUTPUT_PV = PREFIX + ":Phase"
+MOSAIC_PV = PREFIX + ":Mosaic"
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "pinned": {"pinned_ring": None, "in_flight": 2,
                "what": "pinned ring (chosen by the appliance for a GPU engine), 2 in-flight slots/streams, "
@@ -201,10 +202,11 @@ def subscriber_main(args: argparse.Namespace) -> int:
 class Subscriber:
     """The subscriber process, seen from the trial: its latest counts, read by a thread from its stdout."""
 
-    def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, args: argparse.Namespace) -> None:
-        command = [sys.executable, os.path.abspath(__file__), "--role", "subscriber", "--pv", OUTPUT_PV,
+    def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, args: argparse.Namespace,
+                 pv: str = OUTPUT_PV) -> None:
+        command = [sys.executable, os.path.abspath(__file__), "--role", "subscriber", "--pv", pv,
                    "--subscriber-queue", str(args.subscriber_queue)]
-        self.log_path = os.path.join(workdir, "subscriber.log")
+        self.log_path = os.path.join(workdir, "subscriber-{}.log".format(pv.rsplit(":", 1)[-1].lower()))
         self.process = subprocess.Popen(command, env=pva_env(ports, "bench", ["appliance"]), stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=open(self.log_path, "w"), text=True)
         self.ready = threading.Event()
@@ -275,7 +277,7 @@ def appliance_config(workdir: str, args: argparse.Namespace, variant: str) -> An
         detector={"queue_size": args.queue_size},
         pipeline={"max_batch": args.batch, "in_flight": VARIANTS[variant]["in_flight"]},
         publish={"status_period_s": 0.25, "latency_window": 1000000},
-        mosaic={"enabled": False},  # the simulator's frames carry no positions
+        mosaic={"pixel_size_m": 1e-8},  # P:Mosaic with a viewer, as at a beamline (the simulator sends no positions)
     )
     return load_config(path)
 
@@ -321,6 +323,7 @@ def run_trial(ports: Dict[str, Dict[str, int]], args: argparse.Namespace, trial:
     sim = Simulator(ports, workdir, rate, args.duration, sim_delay)
     appliance: Optional[Appliance] = None
     subscriber: Optional[Subscriber] = None
+    mosaic_viewer: Optional[Subscriber] = None
     try:
         trial["device"] = _device(args)  # appliance.cuda first: it sets the device flags before any context
         engine = make_engine(args)  # NVRTC compile and CUDA context while the simulator fills its cache
@@ -334,7 +337,9 @@ def run_trial(ports: Dict[str, Dict[str, int]], args: argparse.Namespace, trial:
         trial.update(ring_memory=appliance.latest_status()["ring_memory"], in_flight=pipeline.in_flight,
                      max_batch=pipeline.max_batch, queue_size=appliance.config.detector.queue_size)
         subscriber = Subscriber(ports, workdir, args)
-        subscriber.wait_ready(timeout=max(5.0, sim.first_frame_at - time.monotonic() + 5.0))
+        mosaic_viewer = Subscriber(ports, workdir, args, MOSAIC_PV)
+        for viewer in (subscriber, mosaic_viewer):
+            viewer.wait_ready(timeout=max(5.0, sim.first_frame_at - time.monotonic() + 5.0))
         deadline = sim.first_frame_at + 10.0
         while not appliance.latest_status().get("detector_connected"):
             if time.monotonic() > deadline:
@@ -363,9 +368,11 @@ def run_trial(ports: Dict[str, Dict[str, int]], args: argparse.Namespace, trial:
                                      for name in pids}
         outputs = {"checked": check.checked, "mismatches": check.mismatches, "first_mismatch": check.first_mismatch}
         trial.update(judge(status, subscriber.finish(), outputs, sent, args.max_p99_ms))
+        trial["mosaic_subscriber"] = mosaic_viewer.finish()
     finally:
-        if subscriber is not None:
-            subscriber.stop()
+        for viewer in (subscriber, mosaic_viewer):
+            if viewer is not None:
+                viewer.stop()
         if appliance is not None:
             trial["drained"] = appliance.stop(10.0)
         sim.stop()

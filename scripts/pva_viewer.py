@@ -114,6 +114,13 @@ def parse_report(text: str) -> Dict[str, Dict[str, Any]]:
     return found
 
 
+def loopback_viewer_env(base: Dict[str, str], server_udp_port: int) -> Dict[str, str]:
+    """``base`` with the PVA settings that find one server on loopback by its UDP search port."""
+    env = {key: value for key, value in base.items() if not key.startswith("EPICS_")}
+    env.update(EPICS_PVA_AUTO_ADDR_LIST="NO", EPICS_PVA_ADDR_LIST="127.0.0.1:{}".format(server_udp_port))
+    return env
+
+
 class ViewerProcess:
     """This script in a child process, for benchmarks and tests: a display that can also freeze.
 

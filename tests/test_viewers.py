@@ -15,11 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def p4p_viewer(pvs, appliance_ports, log_path, queue_size):
     pytest.importorskip("p4p", reason="the viewer is p4p, the independent PVA implementation")
-    from pva_viewer import ViewerProcess
+    from pva_viewer import ViewerProcess, loopback_viewer_env
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("EPICS_")}
-    env.update(EPICS_PVA_AUTO_ADDR_LIST="NO", EPICS_PVA_ADDR_LIST="127.0.0.1:{}".format(appliance_ports["udp"]))
-    viewer = ViewerProcess(pvs, env, log_path, queue_size)
+    viewer = ViewerProcess(pvs, loopback_viewer_env(dict(os.environ), appliance_ports["udp"]), log_path, queue_size)
     viewer.wait_connected(30)
     return viewer
 
