@@ -13,7 +13,10 @@ from appliance.pva import Server
 from appliance.sim.process import StatusWatch
 
 
-def test_a_status_watch_whose_client_segfaults_goes_on_through_a_new_child():
+def test_a_status_watch_whose_client_segfaults_goes_on_through_a_new_child(monkeypatch):
+    # The record is this process's: its children search this process's own UDP port as well.
+    own = "127.0.0.1:" + os.environ["EPICS_PVA_BROADCAST_PORT"]
+    monkeypatch.setenv("EPICS_PVA_ADDR_LIST", os.environ["EPICS_PVA_ADDR_LIST"] + " " + own)
     server = Server()
     record = server.add_status("CHILD:Status")
     watch = StatusWatch("CHILD:Status")
