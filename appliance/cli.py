@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -60,13 +61,31 @@ def _inspect_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    from appliance.pva import read_once
+def read_status(pv_name: str, timeout_s: float) -> Dict[str, Any]:
+    """P:Status's fields, through p4p (pvxs) where it is installed, else through pvapy.
 
+    pvapy's server keeps about 41 kB for each channel a pvapy client ever opened
+    to it, even after that client has gone; a channel from p4p leaves nothing
+    behind (docs/deploy.md, "Reading the status"). Every status call opens a
+    channel, so through p4p it costs the appliance nothing lasting.
+    """
+    try:
+        from p4p.client.thread import Context
+    except ImportError:  # no p4p wheel for aarch64 (the Jetson): one pvapy channel, 41 kB kept
+        from appliance.pva import read_once
+
+        return read_once(pv_name, timeout_s)
+    # pvxs's TCP name search (EPICS_PVA_NAME_SERVERS) finds no pvapy server (measured): UDP search only.
+    conf = {k: v for k, v in os.environ.items() if k.startswith("EPICS_PVA") and k != "EPICS_PVA_NAME_SERVERS"}
+    with Context("pva", useenv=False, conf=conf) as context:
+        return dict(context.get(pv_name, timeout=timeout_s).todict())
+
+
+def _status(args: argparse.Namespace) -> int:
     name = args.prefix + ":Status"
     try:
-        fields = read_once(name, args.timeout)
-    except Exception as exc:  # pvapy raises its own types for timeouts and missing channels
+        fields = read_status(name, args.timeout)
+    except Exception as exc:  # pvapy and p4p raise their own types for timeouts and missing channels
         print("cannot read {}: {}".format(name, exc), file=sys.stderr)
         return 1
     if args.json:

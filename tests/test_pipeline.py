@@ -84,8 +84,9 @@ def test_a_backlog_goes_out_in_full_batches_and_a_trickle_after_max_wait(tmp_pat
     assert telemetry.counters.batches == 3  # 8 + 8 + 4
     push(ring, 21, 21.0)
     push(ring, 22, 22.0)
-    assert sink.wait_for(22)[-2:] == [21, 22]
-    assert telemetry.counters.batches == 4  # the partial batch ran without waiting for more frames
+    assert sink.wait_for(22)[-2:] == [21, 22]  # the partial batch ran without waiting for more frames
+    # One batch of two, or two of one when this thread pushed 22 more than max_wait after 21 (a busy machine).
+    assert telemetry.counters.batches in (4, 5)
     assert pipeline.stop(5)
     np.testing.assert_array_equal(sink.results[-1][1]["phase"], np.full((8, 8), 22.0, np.float32))
 

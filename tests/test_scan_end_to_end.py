@@ -1,17 +1,14 @@
 """A short simulated scan over PVA: the live mosaic equals the offline stitching of the published phases."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from appliance import schema
 from appliance.demo import offline_mosaic
-from appliance.pva import put_string
 from appliance.sim.detector import DetectorServer
 from appliance.sim.scan import ScanSimulation, SimulationConfig
 from appliance.sim.serve import prepare
-from harness import ApplianceProcess, Collector, write_config
+from harness import ApplianceProcess, Collector, put_string, write_config
 from onnx_models import conv_model
 
 PIXEL = 10e-9
@@ -50,10 +47,7 @@ def test_live_mosaic_matches_offline_stitching_and_resets_on_a_new_scan(tmp_path
         status = app.wait_counts(published=len(frames) + 5)
         assert app.details()["mosaic"]["resets"] == 1 and status["acquisitions"] == 2
         put_string("SCAN:Control", "reset")  # an operator starts a new mosaic
-        deadline = time.monotonic() + 5
-        while app.details()["mosaic"]["resets"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # P:Status is published periodically; nothing to await
-        assert app.details()["mosaic"]["resets"] == 2
+        assert app.wait_details(lambda details: details["mosaic"]["resets"] >= 2)["mosaic"]["resets"] == 2
     finally:
         app.stop()
         detector.close()

@@ -5,7 +5,6 @@ its own process holds its own PVA server, as on the device.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -18,20 +17,7 @@ from typing import Any, Callable, Dict, Optional
 
 import yaml
 
-from appliance.pva import FrameSource
-
-
-def _stop_with_parent() -> None:
-    """In the child: SIGTERM it when the process that started it dies, however that happens.
-
-    A demo or test killed mid-run (or crashing) must not leave an appliance serving on.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
+from appliance.sim.child_client import ChildMonitor, stop_with_parent
 
 
 def write_config(path: str, detector_pv: str, prefix: str, engine_path: Optional[str] = None,
@@ -51,24 +37,24 @@ def write_config(path: str, detector_pv: str, prefix: str, engine_path: Optional
 
 
 class StatusWatch:
-    """P:Status as it changes, through one monitor.
+    """P:Status as it changes, through one monitor in a child process.
 
-    Waiting on its updates replaces polling with gets: pvapy 5.6 sometimes
-    crashes the process in ``Channel.get`` when channels are made and dropped
-    at a high rate, and a monitor is also told of each change as it happens.
+    Waiting on its updates replaces polling with gets, and the child keeps
+    pvapy's client out of this process: pvapy 5.6 has crashed test runs in
+    ``Channel.get`` and in ``Channel.monitor``. A child that crashes is started
+    again; the next update it reports is the record's current value.
     """
 
     def __init__(self, pv_name: str) -> None:
         self.pv_name = pv_name
         self._latest: Optional[Dict[str, Any]] = None
         self._changed = threading.Condition()
-        self._source = FrameSource(pv_name, 16, self._on_update)  # connects whenever the record appears
-        self._source.start()
+        # The child connects whenever the record appears.
+        self.monitor = ChildMonitor(pv_name, ["monitor", "status", pv_name], self._on_message)
 
-    def _on_update(self, pv: Any) -> None:
-        status = pv.toDict()
+    def _on_message(self, message: Dict[str, Any], first: bool) -> None:
         with self._changed:
-            self._latest = status
+            self._latest = message["status"]
             self._changed.notify_all()
 
     def wait_for(self, done: Callable[[Dict[str, Any]], bool], timeout: float) -> Optional[Dict[str, Any]]:
@@ -85,7 +71,7 @@ class StatusWatch:
         return status
 
     def close(self) -> None:
-        self._source.stop()
+        self.monitor.close()
 
 
 class ApplianceProcess:
@@ -97,7 +83,7 @@ class ApplianceProcess:
         self._log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "run", "--config", config_path],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True, preexec_fn=_stop_with_parent,
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True, preexec_fn=stop_with_parent,
         )
         self.output = ""
         self._status = StatusWatch(prefix + ":Status")
@@ -126,6 +112,11 @@ class ApplianceProcess:
     def details(self) -> Dict[str, Any]:
         """The full status snapshot (the JSON field of P:Status)."""
         return json.loads(self.status()["json"])
+
+    def wait_details(self, done: Callable[[Dict[str, Any]], bool], timeout: float = 10.0) -> Dict[str, Any]:
+        """The first full status snapshot for which ``done`` holds, or the latest one after ``timeout``."""
+        reached = self._status.wait_for(lambda s: done(json.loads(s["json"])), timeout)
+        return json.loads((reached or self.status())["json"])
 
     def wait_verdict(self, file_name: str, timeout: float = 10.0) -> Dict[str, Any]:
         """The engine manager's verdict on ``file_name``, once P:Status shows it."""

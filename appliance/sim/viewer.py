@@ -1,19 +1,20 @@
 """A viewer client: keeps every update of an NTNDArray PV (the appliance's outputs).
 
 Used by the demo, the benchmarks and the tests. It decodes with the same code
-as ingest, so what it sees is what any areaDetector client would see.
+as ingest, so what it sees is what any areaDetector client would see. The
+monitor itself runs in a child process (appliance.sim.child_client): a crash
+in pvapy's client cannot take the demo or a test run down.
 """
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from appliance.ntndarray import FrameError, FrameMeta, attribute_value, decode
-from appliance.pva import FrameSource
+from appliance.ntndarray import FrameMeta, attribute_value
+from appliance.sim.child_client import ChildMonitor, frame_from_message
 
 
 @dataclass
@@ -37,30 +38,28 @@ class Viewer:
     """Monitor ``pv_name``; ``keep_images=False`` keeps only pixel [0, 0] of each image (long runs)."""
 
     def __init__(self, pv_name: str, queue_size: int = 10000, keep_images: bool = True,
-                 positions: Tuple[str, str] = ("SampleX", "SampleY")) -> None:
+                 positions: Tuple[str, str] = ("SampleX", "SampleY"), connect_timeout: float = 30.0) -> None:
         self.items: List[Received] = []
         self.updates = 0
-        self._keep_images = keep_images
-        self._positions = positions
         self._changed = threading.Condition()
-        self._source = FrameSource(pv_name, queue_size, self._on_update)
-        self._source.start()
+        kind = "frames" if keep_images else "corners"
+        self._monitor = ChildMonitor(pv_name, ["monitor", kind, pv_name, "--queue-size", str(queue_size),
+                                               "--positions", positions[0], positions[1]], self._on_message)
         with self._changed:  # every monitor starts with the record's current value: connected
-            if not self._changed.wait_for(lambda: self.updates > 0, 10.0):
-                raise TimeoutError("no connection to {}".format(pv_name))
+            if not self._changed.wait_for(lambda: self.updates > 0, connect_timeout):
+                self._monitor.close()
+                raise TimeoutError("no connection to {} within {} s{}".format(
+                    pv_name, connect_timeout, "".join("\n" + death for death in self._monitor.deaths)))
 
-    def _on_update(self, pv: Any) -> None:
-        arrived = time.time()
+    def _on_message(self, message: Dict[str, Any], first: bool) -> None:
+        frame = message["frame"]
+        item = None if frame is None else Received(*frame_from_message(frame), arrived=message["arrived"])
         with self._changed:
+            if first and self.updates:
+                return  # a restarted monitor's first update: the record's value, seen before or missed with the gap
             self.updates += 1
-            self._changed.notify_all()
-        try:
-            image, meta = decode(pv, self._positions)
-        except FrameError:
-            return  # the empty initial update of a record never written
-        item = Received(meta, np.array(image if self._keep_images else image[:1, :1]), arrived)
-        with self._changed:
-            self.items.append(item)
+            if item is not None:
+                self.items.append(item)
             self._changed.notify_all()
 
     def wait_for(self, count: int, timeout: float) -> List[Received]:
@@ -73,7 +72,7 @@ class Viewer:
             return self.items[-1] if self.items else None
 
     def close(self) -> None:
-        self._source.stop()
+        self._monitor.close()
 
 
 def latencies_ms(items: List[Received]) -> np.ndarray:
