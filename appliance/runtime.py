@@ -137,7 +137,8 @@ class Appliance:
         )
         self._pipeline.start()
         self._ingest = Ingest(config, self._ring, self.telemetry)
-        self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update)
+        self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update,
+                                   config.detector.search_interval_s)
         self._source.start()
         self._state = "serving"
         log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
@@ -264,7 +265,7 @@ class Appliance:
         if self._source is not None:
             self.telemetry.counters.upstream_overruns = self._source.overruns()
         return {
-            "state": self._state,
+            "state": self._reported_state(),
             "engine_name": engine.name if engine else "",
             "engine_sha256": engine.sha256 if engine else "",
             "engine_backend": engine.backend if engine else "",
@@ -274,7 +275,15 @@ class Appliance:
             "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,
             "detector_connected": self._source is not None and self._source.connected(),
+            "detector_waiting_s": self._source.waiting_s() if self._source is not None else None,
+            "detector_channels_created": self._source.channels_created if self._source is not None else 0,
         }
+
+    def _reported_state(self) -> str:
+        """'serving' only once frames can arrive: until then operators must see what we wait for."""
+        if self._state == "serving" and self._source is not None and not self._source.connected():
+            return "waiting for {}".format(self._source.pv_name)
+        return self._state
 
     def _ring_memory(self) -> str:
         """pageable, pinned, or pinned and mapped (the GPU reads frames in place: no copy-in at all)."""
