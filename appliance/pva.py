@@ -162,7 +162,6 @@ class FrameSource:
             self._generation += 1  # what the dropped channel reports from now on is of no interest
         if monitoring:
             channel.stopMonitor()
-            self._waiting_since = time.monotonic()
 
 
 def attributes(values: Mapping[str, Any]) -> Sequence[Dict[str, Any]]:
