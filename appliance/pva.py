@@ -109,11 +109,14 @@ class FrameSource:
         """One channel, from its creation until it is given up; it is destroyed when this returns."""
         channel = self._new_channel()
         if self._wait_for(lambda: self._connected, self.search_interval_s):
+            # pvapy 5.6 calls a connection callback from inside monitor() without the GIL, a fatal
+            # error: none from here on, the connection is polled instead.
+            channel.setConnectionCallback(None)
             channel.monitor(self._callback, self._request)
             with self._changed:
                 self._monitoring = True
             log.info("connected to %s", self.pv_name)
-            self._stay_while_connected()
+            self._stay_while_connected(channel)
         self._drop(channel)
 
     def _new_channel(self) -> Any:
@@ -142,14 +145,26 @@ class FrameSource:
             self._changed.wait_for(lambda: self._stopping or condition(), timeout_s)
             return not self._stopping and condition()
 
-    def _stay_while_connected(self) -> None:
-        """Return on stop, or once the channel has been disconnected for a whole interval."""
-        while self._wait_for(lambda: not self._connected, None):
-            log.warning("lost %s; searching again", self.pv_name)
-            self._waiting_since = time.monotonic()
-            if not self._wait_for(lambda: self._connected, self.search_interval_s):
+    def _stay_while_connected(self, channel: Any) -> None:
+        """Return on stop, or once ``channel`` has stayed disconnected for a whole interval."""
+        lost_at: Optional[float] = None
+        while not self._stopped_within(self.search_interval_s):
+            connected = bool(channel.isConnected())
+            with self._changed:
+                self._connected = connected
+            if connected:
+                if lost_at is not None:
+                    log.info("reconnected to %s", self.pv_name)
+                lost_at = None
+            elif lost_at is None:
+                log.warning("lost %s; searching again", self.pv_name)
+                lost_at = self._waiting_since = time.monotonic()
+            else:
                 return
-            log.info("reconnected to %s", self.pv_name)
+
+    def _stopped_within(self, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._stopping, timeout_s)
 
     def _drop(self, channel: Any) -> None:
         """Stop ``channel``'s monitor, keeping its overrun count; outside the lock (its destruction calls back)."""
