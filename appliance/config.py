@@ -42,6 +42,7 @@ class DetectorConfig:
     pv: str = field(default="13SIM1:Pva1:Image", metadata=check(_is_pv_name, "a PV name"))
     queue_size: int = field(default=1000, metadata=check(lambda v: 1 <= v <= 100000, "1..100000"))
     positions: PositionAttributes = field(default_factory=PositionAttributes)
+    search_interval_s: float = field(default=0.5, metadata=check(lambda v: 0.1 <= v <= 60, "0.1..60 s"))
     accept_dtypes: Tuple[str, ...] = field(
         default=("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32"),
         metadata=check(
@@ -117,6 +118,7 @@ class PublishConfig:
     prefix: str = field(default="PTYCHONN", metadata=check(_is_pv_name, "a PV name prefix"))
     status_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
     latency_window: int = field(default=10000, metadata=check(lambda v: 10 <= v <= 10**6, "10..1000000"))
+    state_directory: Optional[str] = None  # where the last published uniqueId is kept; default $STATE_DIRECTORY
 
 
 PIXEL_SIZE_M = check(lambda v: 1e-12 <= v <= 1e-2, "1e-12..0.01 (metres)")

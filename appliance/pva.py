@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,36 +36,150 @@ def monitor_request(queue_size: int) -> str:
     return "record[queueSize={}]field()".format(queue_size)
 
 
-class FrameSource:
-    """A monitor on the detector's NTNDArray PV; ``callback`` runs on the pvAccess thread."""
+DEFAULT_SEARCH_INTERVAL_S = 0.5
 
-    def __init__(self, pv_name: str, queue_size: int, callback: Callable[[Any], None]) -> None:
+
+class FrameSource:
+    """A monitor on the detector's NTNDArray PV; ``callback`` runs on the pvAccess thread.
+
+    pvAccess searches for an unconnected channel with an exponential back-off
+    (ChannelSearchManager: 0.225 s ticks, doubling, settling at one search every
+    ~29 s after about a minute); only a beacon from a new server resets it, and
+    none did on loopback here (nor do beacons cross subnets or name servers). A
+    detector that appeared a minute after us was found up to 30 s late.
+    So a connector thread replaces a channel that has not connected within
+    ``search_interval_s`` by a fresh one, whose first search goes out at once:
+    the detector is found within about one interval of appearing, however long
+    we waited. Channels are replaced at most once per interval (pvapy has
+    crashed when channels are made and dropped at a high rate), and the monitor
+    is started only on a connected channel.
+    """
+
+    def __init__(self, pv_name: str, queue_size: int, callback: Callable[[Any], None],
+                 search_interval_s: float = DEFAULT_SEARCH_INTERVAL_S) -> None:
         self.pv_name = pv_name
+        self.search_interval_s = search_interval_s
         self._request = monitor_request(queue_size)
         self._callback = callback
+        self._changed = threading.Condition()
         self._channel: Any = None
-        self._overruns_when_stopped = 0
+        self._generation = 0
+        self._connected = False
+        self._monitoring = False
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._overruns_of_dropped = 0
+        self._waiting_since: Optional[float] = None
+        self.channels_created = 0
 
     def start(self) -> None:
-        self._channel = _pvaccess().Channel(self.pv_name)
-        self._channel.monitor(self._callback, self._request)
+        self._waiting_since = time.monotonic()
+        self._thread = threading.Thread(target=self._connect_loop, name="detector-connect", daemon=True)
+        self._thread.start()
 
     def connected(self) -> bool:
-        return self._channel is not None and bool(self._channel.isConnected())
+        """True while the monitor runs on a connected channel."""
+        return self._monitoring and self._connected
+
+    def waiting_s(self) -> Optional[float]:
+        """Seconds since we began looking for the PV (or lost it); None while connected."""
+        since = self._waiting_since
+        return None if since is None or self.connected() else time.monotonic() - since
 
     def overruns(self) -> int:
-        """Updates the server had to discard because its queue for us was full."""
-        channel = self._channel  # stop() may run meanwhile, on another thread
-        if channel is None:
-            return self._overruns_when_stopped
-        return int(channel.getMonitorCounters().get("nOverruns", 0))
+        """Updates the server had to discard because its queue for us was full (all channels so far)."""
+        with self._changed:
+            channel, monitoring, dropped = self._channel, self._monitoring, self._overruns_of_dropped
+        if channel is None or not monitoring:
+            return dropped
+        return dropped + int(channel.getMonitorCounters().get("nOverruns", 0))
 
     def stop(self) -> None:
         """Stop monitoring; :meth:`overruns` keeps the final count (the last status reports it)."""
-        if self._channel is not None:
-            self._overruns_when_stopped = self.overruns()
-            self._channel.stopMonitor()
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # -- the connector thread ----------------------------------------------------
+    def _connect_loop(self) -> None:
+        while not self._stopping:
+            self._use_one_channel()
+
+    def _use_one_channel(self) -> None:
+        """One channel, from its creation until it is given up; it is destroyed when this returns."""
+        channel = self._new_channel()
+        if self._wait_for(lambda: self._connected, self.search_interval_s):
+            # pvapy 5.6 calls a connection callback from inside monitor() without the GIL, a fatal
+            # error: none from here on, the connection is polled instead.
+            channel.setConnectionCallback(None)
+            channel.monitor(self._callback, self._request)
+            with self._changed:
+                self._monitoring = True
+            log.info("connected to %s", self.pv_name)
+            self._stay_while_connected(channel)
+        self._drop(channel)
+
+    def _new_channel(self) -> Any:
+        """A channel whose connection callback (which issues the connect) reports to this source."""
+        with self._changed:
+            self._generation += 1
+            generation = self._generation
+            self._connected = False
+        channel = _pvaccess().Channel(self.pv_name)
+        channel.setConnectionCallback(lambda connected: self._on_connection(generation, bool(connected)))
+        with self._changed:
+            self._channel = channel
+            self.channels_created += 1
+        return channel
+
+    def _on_connection(self, generation: int, connected: bool) -> None:
+        """pvAccess thread (or ours, while a channel is dropped): note the state of the current channel."""
+        with self._changed:
+            if generation == self._generation:
+                self._connected = connected
+                self._changed.notify_all()
+
+    def _wait_for(self, condition: Callable[[], bool], timeout_s: Optional[float]) -> bool:
+        """Whether ``condition`` held within ``timeout_s``; False at once when stopping."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._stopping or condition(), timeout_s)
+            return not self._stopping and condition()
+
+    def _stay_while_connected(self, channel: Any) -> None:
+        """Return on stop, or once ``channel`` has stayed disconnected for a whole interval."""
+        lost_at: Optional[float] = None
+        while not self._stopped_within(self.search_interval_s):
+            connected = bool(channel.isConnected())
+            with self._changed:
+                self._connected = connected
+            if connected:
+                if lost_at is not None:
+                    log.info("reconnected to %s", self.pv_name)
+                lost_at = None
+            elif lost_at is None:
+                log.warning("lost %s; searching again", self.pv_name)
+                lost_at = self._waiting_since = time.monotonic()
+            else:
+                return
+
+    def _stopped_within(self, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._stopping, timeout_s)
+
+    def _drop(self, channel: Any) -> None:
+        """Stop ``channel``'s monitor, keeping its overrun count; outside the lock (its destruction calls back)."""
+        monitoring = self._monitoring
+        overruns = int(channel.getMonitorCounters().get("nOverruns", 0)) if monitoring else 0
+        with self._changed:
+            self._monitoring = False
             self._channel = None
+            self._overruns_of_dropped += overruns
+            self._generation += 1  # what the dropped channel reports from now on is of no interest
+        if monitoring:
+            channel.stopMonitor()
 
 
 def attributes(values: Mapping[str, Any]) -> Sequence[Dict[str, Any]]:

@@ -26,9 +26,13 @@ from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
 from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, attributes
 from appliance.ring import FrameRing, HostBuffer
+from appliance.statefile import PublishedRecord, restart_gap, state_directory
 from appliance.telemetry import Telemetry, status_line
 
 log = logging.getLogger(__name__)
+
+# After the final P:Status, how long the server stays up for monitors to receive it.
+FINAL_STATUS_LINGER_S = 0.5
 
 
 class Appliance:
@@ -57,6 +61,9 @@ class Appliance:
         self._backend_reason = ""
         self.mosaic: Optional[Mosaic] = None
         self._mosaic_record: Optional[ImageRecord] = None
+        self._published_record: Optional[PublishedRecord] = None
+        self._restart_gap: Optional[Dict[str, object]] = None
+        self._awaiting_first_result = True
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self, engine: Optional[Engine] = None) -> None:
@@ -67,6 +74,7 @@ class Appliance:
         """
         if engine is None:
             engine = self._initial_engine()
+        self._published_record = self._open_published_record()
         self._server = Server()
         prefix = self.config.publish.prefix
         self._status = self._server.add_status(prefix + ":Status")
@@ -82,6 +90,21 @@ class Appliance:
         self._publish_status()
         self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
         self._status_thread.start()
+
+    def _open_published_record(self) -> Optional[PublishedRecord]:
+        """The record of the last published uniqueId (none without a state directory, or if it cannot be used)."""
+        directory = state_directory(self.config.publish.state_directory)
+        if directory is None:
+            log.info("no state directory (publish.state_directory, STATE_DIRECTORY): a restart cannot report its gap")
+            return None
+        try:
+            record = PublishedRecord(directory)
+        except OSError as exc:
+            log.error("cannot keep the last published uniqueId in %s: %s", directory, exc.strerror or exc)
+            return None
+        if record.previous is not None:
+            log.info("the previous run last published uniqueId %d", record.previous)
+        return record
 
     def _initial_engine(self) -> Optional[Engine]:
         """The configured file (which must serve), else the newest good one in the engines directory."""
@@ -137,7 +160,8 @@ class Appliance:
         )
         self._pipeline.start()
         self._ingest = Ingest(config, self._ring, self.telemetry)
-        self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update)
+        self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update,
+                                   config.detector.search_interval_s)
         self._source.start()
         self._state = "serving"
         log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
@@ -189,9 +213,13 @@ class Appliance:
         self._stop_status.set()
         if self._status_thread is not None:
             self._status_thread.join()
+        self._state = "stopped" if drained else "stopped, drain timed out"
         self._publish_status()
         self._publish_mosaic()
+        if self._published_record is not None:
+            self._published_record.flush()  # closed with the process: a timed-out drain may still publish
         if self._server is not None:
+            time.sleep(FINAL_STATUS_LINGER_S)  # pvapy cannot tell when an update has gone out to its monitors
             self._server.close()
         if self._ring is not None and drained:
             self._ring.close()
@@ -249,6 +277,10 @@ class Appliance:
             record = self._images.get(role)
             if record is not None:
                 record.publish_frame(image, meta)
+        if self._published_record is not None:
+            if self._awaiting_first_result:
+                self._note_first_result(meta.unique_id)
+            self._published_record.note(meta.unique_id)
         for listener in self._result_listeners:
             try:
                 listener(meta, images)
@@ -256,6 +288,16 @@ class Appliance:
                 self.telemetry.note_error("result listener failed on uniqueId {}: {}: {}".format(
                     meta.unique_id, type(exc).__name__, exc))
                 log.exception("result listener failed on uniqueId %d", meta.unique_id)
+
+    def _note_first_result(self, unique_id: int) -> None:
+        """The first publish of this run tells what the previous run's end lost (reported in P:Status)."""
+        self._awaiting_first_result = False
+        previous = self._published_record.previous if self._published_record is not None else None
+        if previous is None:
+            return
+        self._restart_gap = restart_gap(previous, unique_id)
+        log.warning("restart gap: previous run last published uniqueId %d, this one first %d: %s frames lost",
+                    previous, unique_id, self._restart_gap["frames_lost"])
 
     def _allocator(self, engine: Engine) -> Callable[[int], object]:
         """Pinned memory for a GPU engine, and on a TensorRT device from the start: an ONNX model
@@ -274,7 +316,7 @@ class Appliance:
         if self._source is not None:
             self.telemetry.counters.upstream_overruns = self._source.overruns()
         return {
-            "state": self._state,
+            "state": self._reported_state(),
             "engine_name": engine.name if engine else "",
             "engine_sha256": engine.sha256 if engine else "",
             "engine_backend": engine.backend if engine else "",
@@ -284,7 +326,16 @@ class Appliance:
             "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,
             "detector_connected": self._source is not None and self._source.connected(),
+            "detector_waiting_s": self._source.waiting_s() if self._source is not None else None,
+            "detector_channels_created": self._source.channels_created if self._source is not None else 0,
+            "restart_gap": self._restart_gap,
         }
+
+    def _reported_state(self) -> str:
+        """'serving' only once frames can arrive: until then operators must see what we wait for."""
+        if self._state == "serving" and self._source is not None and not self._source.connected():
+            return "waiting for {}".format(self._source.pv_name)
+        return self._state
 
     def _ring_memory(self) -> str:
         """pageable, pinned, or pinned and mapped (the GPU reads frames in place: no copy-in at all)."""

@@ -339,6 +339,33 @@ def watchdog() -> Dict[str, Any]:
     return {"before": before, "restarted": restarted, "recovered": recovered, "journal": journal()[-6000:]}
 
 
+_RESTART_GAP = re.compile(r"restart gap: previous run last published uniqueId (\d+), this one first (\d+): (\w+) frames lost")
+
+
+def restart_gap_logged(pid: str) -> Optional[Dict[str, Any]]:
+    """The restart gap the process ``pid`` logged, once it has."""
+    found = _RESTART_GAP.search(sh("journalctl", "--no-pager", "-o", "cat", "_PID=" + pid)["output"])
+    if found is None:
+        return None
+    lost = found.group(3)
+    return {"previous_last_id": int(found.group(1)), "first_id": int(found.group(2)),
+            "frames_lost": None if lost == "None" else int(lost)}
+
+
+@step("crash")
+def crash() -> Dict[str, Any]:
+    """A SIGSEGV mid-scan, as a pvapy crash would be: systemd restarts the service, which reports its gap."""
+    before = wait_until(flowing_now, 30, "frames flowing before the crash")
+    sh("systemctl", "kill", "--kill-whom=main", "--signal=SIGSEGV", UNIT)
+    restarted = wait_until(unit_when(lambda s: int(s["NRestarts"]) > int(before["NRestarts"])), 30,
+                           "a restart after the crash")
+    recovered = wait_until(flowing_now, 30, "frames flowing after the restart")
+    gap = wait_until(lambda: restart_gap_logged(recovered["MainPID"]), 10, "the restart gap in the journal")
+    wait_until(lambda: max(phase_ids()) >= gap["first_id"], 10, "frames after the restart on P:Phase")
+    return {"before": before, "restarted": restarted, "recovered": recovered, "gap": gap,
+            "phase_ids": phase_ids(), "journal": journal()[-3000:]}
+
+
 @step("stop")
 def stop() -> Dict[str, Any]:
     """Frames pile up behind a blocked pipeline; SIGTERM must still publish every one of them."""
@@ -408,6 +435,7 @@ def main() -> None:
         sandbox()
         reload()
         watchdog()
+        crash()
         stop()
         autobuild()
     broken_config()

@@ -38,15 +38,16 @@ def detector(pv: str, rate_hz: float, last_id_file: str) -> None:
 
 
 def collect(pv: str, out_file: str) -> None:
-    import pvaccess
+    """Through the appliance's own FrameSource: it reconnects within an interval of each service restart
+    (a bare pvapy monitor waited out pvAccess's search back-off, missing whole stretches of frames)."""
+    from appliance.pva import FrameSource
 
     stop = _event_on(signal.SIGTERM)
     out = open(out_file, "a", buffering=1)
-    channel = pvaccess.Channel(pv)
-    request = "record[queueSize=10000]field(uniqueId)"
-    channel.monitor(lambda update: out.write("{}\n".format(update["uniqueId"])), request)
+    source = FrameSource(pv, 10000, lambda update: out.write("{}\n".format(update["uniqueId"])))
+    source.start()
     stop.wait()
-    channel.stopMonitor()
+    source.stop()
     out.close()
 
 

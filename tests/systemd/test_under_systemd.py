@@ -259,8 +259,21 @@ def test_stop_drains_every_received_frame_and_exits_0(run):
     assert "stopped, all received frames published" in stop["journal"]
     ids = stop["phase_ids"]
     assert ids[-1] == stop["last_id"], "the last frame sent was not published before the exit"
-    # The one gap allowed is the watchdog kill: frames in the killed process's ring are lost.
-    assert len(_gaps(ids)) == 1 and _gaps(ids)[0] >= len(_step(run, "reload")["phase_ids"]), _gaps(ids)
+    # The gaps allowed are the watchdog kill and the SIGSEGV: frames in the killed process's ring are lost.
+    assert len(_gaps(ids)) == 2 and _gaps(ids)[0] >= len(_step(run, "reload")["phase_ids"]), _gaps(ids)
+
+
+def test_a_segfault_mid_scan_restarts_and_reports_exactly_the_frames_never_published(run):
+    crash = _step(run, "crash")
+    assert int(crash["restarted"]["NRestarts"]) == int(crash["before"]["NRestarts"]) + 1
+    assert crash["recovered"]["MainPID"] != crash["before"]["MainPID"]
+    gap, ids = crash["gap"], crash["phase_ids"]
+    # The last frame a viewer of P:Phase saw before the crash is the one reported; the viewer, which
+    # reconnects to the restarted service too, sees nothing earlier than the first one reported after it.
+    crash_gaps = [i for i in _gaps(ids) if ids[i - 1] == gap["previous_last_id"]]
+    assert len(crash_gaps) == 1, (gap, [(ids[i - 1], ids[i]) for i in _gaps(ids)])
+    assert ids[crash_gaps[0]] >= gap["first_id"] > gap["previous_last_id"], gap
+    assert gap["frames_lost"] == gap["first_id"] - gap["previous_last_id"] - 1
 
 
 def test_a_deployed_onnx_model_is_built_by_a_sandboxed_child_and_swapped_in(run):

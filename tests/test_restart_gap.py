@@ -1,0 +1,94 @@
+"""A crashed appliance says after its restart exactly which frames it lost; a stopped one says it stopped."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from typing import Any, Dict, Iterator, List
+
+import numpy as np
+import pytest
+
+from appliance.sim.detector import DetectorServer
+from appliance.sim.process import ApplianceProcess, StatusWatch
+from harness import Collector, write_config
+from onnx_models import affine_model
+
+_names = itertools.count()
+IMAGE = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16)
+
+
+@pytest.fixture
+def names() -> Dict[str, str]:
+    n = next(_names)
+    return {"detector": "GAP{}:det:Image".format(n), "prefix": "GAP{}:pn".format(n)}
+
+
+@pytest.fixture
+def detector(names: Dict[str, str]) -> Iterator[DetectorServer]:
+    server = DetectorServer(names["detector"])
+    yield server
+    server.close()
+
+
+def _config(tmp_path, names: Dict[str, str]) -> str:
+    model = affine_model(str(tmp_path / "identity.onnx"), size=16)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    return write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model,
+                        publish={"state_directory": str(state)})
+
+
+def _send(detector: DetectorServer, ids: List[int]) -> None:
+    for unique_id in ids:
+        detector.send(IMAGE, unique_id)
+
+
+def test_after_a_segfault_the_restart_reports_exactly_the_frames_never_published(tmp_path, names, detector, launch):
+    config = _config(tmp_path, names)
+    first = launch(config, names["prefix"])
+    collector = Collector(names["prefix"] + ":Phase")  # it reconnects to the restarted appliance by itself
+    _send(detector, list(range(1, 21)))
+    first.wait_counts(published=20)
+    collector.wait_for(20, timeout=10)
+    os.kill(first.process.pid, signal.SIGSEGV)  # what a pvapy crash does
+    assert first.finish() and first.process.returncode == -signal.SIGSEGV
+    _send(detector, list(range(21, 31)))  # sent while nobody is there: lost
+
+    second = launch(config, names["prefix"])
+    _send(detector, list(range(31, 41)))
+    status = second.wait_counts(published=1)
+    seen = [item.unique_id for item in collector.wait_for(20 + status["published"], timeout=10)]
+    assert second.stop() == 0, second.output
+    collector.close()
+
+    # The viewer saw every frame up to the crash, then a gap, then the restarted appliance's frames
+    # (its first is whichever the detector's record held or sent once the new monitor was up).
+    assert seen[:20] == list(range(1, 21))
+    first_after = seen[20]
+    assert first_after > 29  # 21..29 were sent while no appliance ran
+    gap = json.loads(status["json"])["restart_gap"]
+    assert gap == {"previous_last_id": 20, "first_id": first_after, "frames_lost": first_after - 21}
+
+
+def test_a_first_start_reports_no_gap(tmp_path, names, detector, launch):
+    app = launch(_config(tmp_path, names), names["prefix"])
+    _send(detector, [1, 2, 3])
+    status = app.wait_counts(published=3)
+    assert app.stop() == 0, app.output
+    assert json.loads(status["json"])["restart_gap"] is None
+
+
+def test_a_monitor_sees_the_final_status_after_sigterm(tmp_path, names, detector, launch):
+    app = launch(_config(tmp_path, names), names["prefix"])
+    watch = StatusWatch(names["prefix"] + ":Status")
+    try:
+        _send(detector, list(range(1, 51)))
+        app.wait_counts(published=50)
+        assert app.stop() == 0, app.output
+        final = watch.wait_for(lambda s: s["state"] != "serving" and s["state"] != "stopping", timeout=10)
+    finally:
+        watch.close()
+    assert final is not None and final["state"] == "stopped"
+    assert final["published"] == 50
