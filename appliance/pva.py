@@ -66,6 +66,7 @@ class FrameSource:
         self._generation = 0
         self._connected = False
         self._monitoring = False
+        self._live = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._overruns_of_dropped = 0
@@ -78,8 +79,8 @@ class FrameSource:
         self._thread.start()
 
     def connected(self) -> bool:
-        """True while the monitor runs on a connected channel."""
-        return self._monitoring and self._connected
+        """True once the monitor on a connected channel has delivered its first update."""
+        return self._monitoring and self._connected and self._live
 
     def waiting_s(self) -> Optional[float]:
         """Seconds since we began looking for the PV (or lost it); None while connected."""
@@ -115,12 +116,19 @@ class FrameSource:
             # pvapy 5.6 calls a connection callback from inside monitor() without the GIL, a fatal
             # error: none from here on, the connection is polled instead.
             channel.setConnectionCallback(None)
-            channel.monitor(self._callback, self._request)
+            channel.monitor(self._on_update, self._request)
             with self._changed:
                 self._monitoring = True
             log.info("connected to %s", self.pv_name)
             self._stay_while_connected(channel)
         self._drop(channel)
+
+    def _on_update(self, pv: Any) -> None:
+        """The monitor callback. Its first update (the record's current value) shows the server now
+        sends us every update: only from then on are we connected (and ready for a scan)."""
+        if not self._live:
+            self._live = True
+        self._callback(pv)
 
     def _new_channel(self) -> Any:
         """A channel whose connection callback (which issues the connect) reports to this source."""
@@ -128,6 +136,7 @@ class FrameSource:
             self._generation += 1
             generation = self._generation
             self._connected = False
+            self._live = False
         channel = _pvaccess().Channel(self.pv_name)
         channel.setConnectionCallback(lambda connected: self._on_connection(generation, bool(connected)))
         with self._changed:
@@ -175,6 +184,7 @@ class FrameSource:
         overruns = int(channel.getMonitorCounters().get("nOverruns", 0)) if monitoring else 0
         with self._changed:
             self._monitoring = False
+            self._live = False
             self._channel = None
             self._overruns_of_dropped += overruns
             self._generation += 1  # what the dropped channel reports from now on is of no interest
