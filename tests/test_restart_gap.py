@@ -1,35 +1,20 @@
 """A crashed appliance says after its restart exactly which frames it lost; a stopped one says it stopped."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
-from typing import Any, Dict, Iterator, List
+from typing import Dict, List
 
 import numpy as np
-import pytest
 
 from appliance.sim.detector import DetectorServer
 from appliance.sim.process import ApplianceProcess, StatusWatch
 from harness import Collector, write_config
 from onnx_models import affine_model
+from test_stream import detector, names  # noqa: F401 (fixtures)
 
-_names = itertools.count()
 IMAGE = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16)
-
-
-@pytest.fixture
-def names() -> Dict[str, str]:
-    n = next(_names)
-    return {"detector": "GAP{}:det:Image".format(n), "prefix": "GAP{}:pn".format(n)}
-
-
-@pytest.fixture
-def detector(names: Dict[str, str]) -> Iterator[DetectorServer]:
-    server = DetectorServer(names["detector"])
-    yield server
-    server.close()
 
 
 def _config(tmp_path, names: Dict[str, str]) -> str:
