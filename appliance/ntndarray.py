@@ -1,10 +1,10 @@
 """NTNDArray, the areaDetector image structure, as numpy arrays and frame metadata.
 
-This module reads and fills pvData structures through the mapping interface
-pvapy gives them; it never imports pvapy, so it can be exercised and reasoned
-about as plain data. The image comes back as the zero-copy view pvapy hands out
-(decompressed when a codec is set): the only copy of a frame is the one ingest
-makes into the ring.
+This module reads and fills pvData structures through the interface pvapy's
+PvObject gives them (its typed accessors where a frame's cost is at stake); it
+never imports pvapy. The image comes back as the zero-copy view pvapy hands out
+(decompressed when a codec is set): the only copy of a frame's pixels is the one
+ingest makes into the ring (the structure kept for publishing shares them).
 """
 from __future__ import annotations
 
