@@ -6,9 +6,10 @@ picks free ports: runs in parallel (or a stale server) cannot cross-talk.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator
 
 import pytest
 
@@ -63,3 +64,23 @@ def launch(appliance_env):
 @pytest.fixture
 def appliance_ports() -> Dict[str, int]:
     return dict(APPLIANCE_PORTS)
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def names() -> Dict[str, str]:
+    """PV names of this test's own: a detector PV and an appliance prefix."""
+    n = next(_names)
+    return {"detector": "TEST{}:det:Image".format(n), "prefix": "TEST{}:pn".format(n)}
+
+
+@pytest.fixture
+def detector(names: Dict[str, str]) -> Iterator[Any]:
+    """A detector stand-in serving this test's detector PV."""
+    from appliance.sim.detector import DetectorServer
+
+    server = DetectorServer(names["detector"])
+    yield server
+    server.close()

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto
 
 from onnx_models import affine_model
-from test_stream import detector, frames, names, serve  # noqa: F401 (fixtures)
+from test_stream import frames, serve
 
 
 def details(status):

@@ -9,10 +9,9 @@ from typing import Dict, List
 import numpy as np
 
 from appliance.sim.detector import DetectorServer
-from appliance.sim.process import ApplianceProcess, StatusWatch
+from appliance.sim.process import StatusWatch
 from harness import Collector, write_config
 from onnx_models import affine_model
-from test_stream import detector, names  # noqa: F401 (fixtures)
 
 IMAGE = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16)
 

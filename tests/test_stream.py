@@ -1,32 +1,12 @@
 """End to end over real PVA on loopback: detector stand-in -> appliance process -> collector."""
 from __future__ import annotations
 
-import itertools
-from typing import Dict, Iterator
-
 import numpy as np
 import onnxruntime
 import pytest
 
-from appliance.sim.detector import DetectorServer
 from harness import Collector, write_config
 from onnx_models import affine_model, conv_model
-
-_names = itertools.count()
-
-
-@pytest.fixture
-def names() -> Dict[str, str]:
-    n = next(_names)
-    return {"detector": "TEST{}:det:Image".format(n), "prefix": "TEST{}:pn".format(n)}
-
-
-@pytest.fixture
-def detector(names: Dict[str, str]) -> Iterator[DetectorServer]:
-    server = DetectorServer(names["detector"])
-    yield server
-    server.close()
-
 
 def serve(tmp_path, names, launch, model: str, **sections):
     """An appliance serving ``model`` on this test's detector, and a collector on its phase PV."""

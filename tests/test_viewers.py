@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from onnx_models import affine_model
-from test_stream import detector, frames, names, serve  # noqa: F401 (fixtures)
+from test_stream import frames, serve
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
