@@ -260,7 +260,10 @@ def test_stop_drains_every_received_frame_and_exits_0(run):
     ids = stop["phase_ids"]
     assert ids[-1] == stop["last_id"], "the last frame sent was not published before the exit"
     # The gaps allowed are the watchdog kill and the SIGSEGV: frames in the killed process's ring are lost.
-    assert len(_gaps(ids)) == 2 and _gaps(ids)[0] >= len(_step(run, "reload")["phase_ids"]), _gaps(ids)
+    # The viewer reconnects to each restarted service by itself; if it was still reconnecting after the
+    # first restart when the second came, it shows the two as one gap (seen in a CI run).
+    gaps = _gaps(ids)
+    assert 1 <= len(gaps) <= 2 and gaps[0] >= len(_step(run, "reload")["phase_ids"]), gaps
 
 
 def test_a_segfault_mid_scan_restarts_and_reports_exactly_the_frames_never_published(run):
@@ -268,12 +271,15 @@ def test_a_segfault_mid_scan_restarts_and_reports_exactly_the_frames_never_publi
     assert int(crash["restarted"]["NRestarts"]) == int(crash["before"]["NRestarts"]) + 1
     assert crash["recovered"]["MainPID"] != crash["before"]["MainPID"]
     gap, ids = crash["gap"], crash["phase_ids"]
-    # The last frame a viewer of P:Phase saw before the crash is the one reported; the viewer, which
-    # reconnects to the restarted service too, sees nothing earlier than the first one reported after it.
-    crash_gaps = [i for i in _gaps(ids) if ids[i - 1] == gap["previous_last_id"]]
-    assert len(crash_gaps) == 1, (gap, [(ids[i - 1], ids[i]) for i in _gaps(ids)])
-    assert ids[crash_gaps[0]] >= gap["first_id"] > gap["previous_last_id"], gap
+    # What the restarted service reports lost, a viewer of P:Phase never saw: nothing between the last
+    # id published before the crash and the first one after. (The viewer reconnects by itself after
+    # each restart; one still reconnecting from the watchdog restart may not have seen the last frame
+    # before the crash, so that it did is not asserted.)
+    assert gap["first_id"] > gap["previous_last_id"], gap
     assert gap["frames_lost"] == gap["first_id"] - gap["previous_last_id"] - 1
+    unseen = [i for i in ids if gap["previous_last_id"] < i < gap["first_id"]]
+    assert not unseen, (gap, unseen[:10])
+    assert any(i >= gap["first_id"] for i in ids), (gap, ids[-5:])
 
 
 def test_a_deployed_onnx_model_is_built_by_a_sandboxed_child_and_swapped_in(run):
