@@ -79,6 +79,7 @@ class EngineConfig:
         metadata=check(lambda v: v in ("off", "fp32", "fp16", "int8"), "off, fp32, fp16 or int8 (Q/DQ models only)"),
     )
     build_cache: Optional[str] = None  # default: $STATE_DIRECTORY/engine-cache under systemd, else ~/.cache
+    build_niceness: int = field(default=19, metadata=check(lambda v: 0 <= v <= 19, "0..19 (19: the lowest CPU priority)"))
 
     def __post_init__(self) -> None:
         if self.build_cache is None:

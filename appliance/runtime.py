@@ -129,7 +129,7 @@ class Appliance:
                                  str(import_tensorrt().__version__), gpu_model)
         directory = engine_config.build_cache or default_cache_directory()
         try:
-            return EngineBuilds(directory, settings)
+            return EngineBuilds(directory, settings, niceness=engine_config.build_niceness)
         except OSError as exc:
             log.error("ONNX models will not be built into TensorRT engines: cannot use %s: %s",
                       directory, exc.strerror or exc)

@@ -72,8 +72,11 @@ def test_a_monitor_sees_the_final_status_after_sigterm(tmp_path, names, detector
     try:
         _send(detector, list(range(1, 51)))
         app.wait_counts(published=50)
+        # The watch's own client must be connected and current before the stop: a monitor that
+        # connects after the server has closed sees nothing, which is not what this test is about.
+        assert watch.wait_for(lambda s: s["published"] == 50, timeout=60) is not None
         assert app.stop() == 0, app.output
-        final = watch.wait_for(lambda s: s["state"] != "serving" and s["state"] != "stopping", timeout=10)
+        final = watch.wait_for(lambda s: s["state"] != "serving" and s["state"] != "stopping", timeout=30)
     finally:
         watch.close()
     assert final is not None and final["state"] == "stopped"

@@ -75,10 +75,11 @@ class EngineBuilds:
     the directory cannot be used, so the caller can run without builds.
     """
 
-    def __init__(self, directory: str, settings: BuildSettings, keep: int = 4) -> None:
+    def __init__(self, directory: str, settings: BuildSettings, keep: int = 4, niceness: int = 19) -> None:
         self.directory = directory
         self.settings = settings
         self.keep = keep
+        self.niceness = niceness
         self.succeeded = 0
         self.failed = 0
         self.last_result = ""
@@ -174,8 +175,8 @@ class EngineBuilds:
                    "--precision", self.settings.precision, "--max-batch", str(self.settings.max_batch),
                    "--profiles", str(self.settings.profiles), "--expect-sha256", sha256]
         nice = shutil.which("nice")
-        if nice:  # the lowest CPU priority: the live stream keeps its cores
-            command = [nice, "-n", "19"] + command
+        if nice and self.niceness:  # a low CPU priority: the live stream keeps its cores
+            command = [nice, "-n", str(self.niceness)] + command
         with open(engine + ".log", "w") as output:
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:  # short of memory, the kernel kills the build, not the service

@@ -43,7 +43,7 @@ def sh(*args: str, timeout: float = 120) -> Dict[str, Any]:
 
 
 def show(unit: str = UNIT) -> Dict[str, str]:
-    props = "ActiveState,SubState,Result,NRestarts,MainPID,StatusText,ExecMainStatus,ExecMainCode"
+    props = "ActiveState,SubState,Result,NRestarts,MainPID,StatusText,ExecMainStatus,ExecMainCode,InvocationID"
     out = sh("systemctl", "show", "-p", props, unit)["output"]
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -78,6 +78,13 @@ flowing_now = unit_when(lambda state: state["ActiveState"] == "active" and flowi
 
 def journal(unit: str = UNIT) -> str:
     return sh("journalctl", "--no-pager", "-o", "cat", "-u", unit)["output"]
+
+
+def invocation_journal(state: Dict[str, str], containing: str = "") -> Optional[str]:
+    """All that one run of the unit (``state`` from ``show``) logged, however much earlier steps did;
+    None until it holds ``containing``."""
+    text = sh("journalctl", "--no-pager", "-o", "cat", "_SYSTEMD_INVOCATION_ID=" + state["InvocationID"])["output"]
+    return text if containing in text else None
 
 
 def phase_ids() -> List[int]:
@@ -399,7 +406,10 @@ def autobuild() -> Dict[str, Any]:
         cache = STATE + "/state/engine-cache"
         files = {name: sh("stat", "-c", "%U %a", os.path.join(cache, name))["output"].strip()
                  for name in sorted(os.listdir(cache))}
-        return {"start": started, "built": built, "cache": files, "journal": journal()[-4000:]}
+        # journald may store the swap's log line a little after the status shows it
+        logged = wait_until(lambda: invocation_journal(built, containing=" from second.onnx"), 10,
+                            "the build's result in the journal")
+        return {"start": started, "built": built, "cache": files, "journal": logged}
     finally:
         sh("systemctl", "stop", UNIT)
         os.unlink(dropin)
