@@ -61,27 +61,9 @@ def _inspect_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_status(pv_name: str, timeout_s: float) -> Dict[str, Any]:
-    """P:Status's fields, through p4p (pvxs) where it is installed, else through pvapy.
-
-    pvapy's server keeps about 41 kB for each channel a pvapy client ever opened
-    to it, even after that client has gone; a channel from p4p leaves nothing
-    behind (docs/deploy.md, "Reading the status"). Every status call opens a
-    channel, so through p4p it costs the appliance nothing lasting.
-    """
-    try:
-        from p4p.client.thread import Context
-    except ImportError:  # no p4p wheel for aarch64 (the Jetson): one pvapy channel, 41 kB kept
-        from appliance.pva import read_once
-
-        return read_once(pv_name, timeout_s)
-    # pvxs's TCP name search (EPICS_PVA_NAME_SERVERS) finds no pvapy server (measured): UDP search only.
-    conf = {k: v for k, v in os.environ.items() if k.startswith("EPICS_PVA") and k != "EPICS_PVA_NAME_SERVERS"}
-    with Context("pva", useenv=False, conf=conf) as context:
-        return dict(context.get(pv_name, timeout=timeout_s).todict())
-
-
 def _status(args: argparse.Namespace) -> int:
+    from appliance.status_view import format_status, read_status
+
     name = args.prefix + ":Status"
     try:
         fields = read_status(name, args.timeout)
@@ -95,32 +77,10 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_status(status: Dict[str, Any]) -> str:
-    """A readable page of P:Status for operators."""
-    latency = status.get("latency") or {}
+def _watch(args: argparse.Namespace) -> int:
+    from appliance.status_view import watch
 
-    def ms(value: Optional[float]) -> str:
-        return "-" if value is None else "{:.2f} ms".format(value)
-
-    drops = ", ".join("{} {}".format(k, v) for k, v in sorted(status.get("dropped", {}).items()) if v) or "none"
-    lines = [
-        "state:      {}".format(status.get("state")),
-        "engine:     {} [{}] sha256 {}".format(
-            status.get("engine_name") or "none", status.get("engine_backend") or "-", (status.get("engine_sha256") or "-")[:16]
-        ),
-        "frames:     received {}, published {}, dropped {}, missing upstream {}, upstream overruns {}".format(
-            status.get("received"), status.get("published"), status.get("dropped_total"),
-            status.get("missing_upstream"), status.get("upstream_overruns"),
-        ),
-        "drops:      {}".format(drops),
-        "rates:      in {:.1f} Hz, out {:.1f} Hz".format(status.get("rate_in_hz", 0.0), status.get("rate_out_hz", 0.0)),
-        "latency:    p50 {}, p99 {}, max {}".format(ms(latency.get("p50_ms")), ms(latency.get("p99_ms")), ms(latency.get("max_ms"))),
-        "queue:      {} frames".format(status.get("queue_depth")),
-        "uptime:     {:.0f} s".format(status.get("uptime_s", 0.0)),
-    ]
-    for error in status.get("recent_errors") or []:
-        lines.append("last error: {}".format(error))
-    return "\n".join(lines)
+    return watch(args.prefix + ":Status", args.refresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0)
     status.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     status.set_defaults(handler=_status)
+
+    watch = commands.add_parser("watch", help="a live terminal page of a running appliance (q quits)")
+    watch.add_argument("--prefix", default="PTYCHONN", help="PV prefix (publish.prefix)")
+    watch.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
+    watch.set_defaults(handler=_watch)
 
     for name, module in _EXTENSIONS:
         _add_extension(commands, name, module)

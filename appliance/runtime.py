@@ -322,6 +322,7 @@ class Appliance:
             "engine_backend": engine.backend if engine else "",
             "backend_choice": self._backend_reason,
             "queue_depth": self.queue_depth(),
+            "ring_capacity": self._ring.capacity if self._ring is not None else None,
             "ring_memory": self._ring_memory(),
             "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,

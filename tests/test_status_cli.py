@@ -32,7 +32,7 @@ def _client_env(appliance_ports):
 
 def _read_status(env, prefix: str, count: int) -> None:
     """``count`` status reads, each as the command makes it, in one child (starting one per read takes minutes)."""
-    code = ("import sys\nfrom appliance.cli import read_status\n"
+    code = ("import sys\nfrom appliance.status_view import read_status\n"
             "for _ in range({}):\n    assert read_status(sys.argv[1], 10.0)['state'] == 'serving'\n").format(count)
     run = subprocess.run([sys.executable, "-c", code, prefix + ":Status"], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -1,0 +1,213 @@
+"""P:Status for people: one read (``ptychonn-edge status``) or a live page (``ptychonn-edge watch``).
+
+Both read the appliance only through its PVs, as any EPICS client would, so they
+work from another host and over ssh. p4p (pvxs) is the client where it is
+installed: pvapy's server keeps about 41 kB for each channel a pvapy client ever
+opened to it, even after that client has gone, while a channel from p4p leaves
+nothing behind (docs/deploy.md, "Reading the status"). ``watch`` holds one
+monitor for its whole session rather than reading again each second, so even
+through pvapy it costs the appliance one channel.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+# P:Status is published once a second; a page older than this says so.
+STALE_AFTER_S = 3.0
+_VERDICTS_SHOWN = 5
+
+
+def _p4p_conf() -> Dict[str, str]:
+    """This process's PVA settings for p4p; pvxs's TCP name search (EPICS_PVA_NAME_SERVERS) finds no
+    pvapy server (measured), so p4p searches by UDP only."""
+    return {k: v for k, v in os.environ.items() if k.startswith("EPICS_PVA") and k != "EPICS_PVA_NAME_SERVERS"}
+
+
+def read_status(pv_name: str, timeout_s: float) -> Dict[str, Any]:
+    """P:Status's fields, through p4p where it is installed, else through pvapy."""
+    try:
+        from p4p.client.thread import Context
+    except ImportError:  # no p4p wheel for aarch64 (the Jetson): one pvapy channel, 41 kB kept
+        from appliance.pva import read_once
+
+        return read_once(pv_name, timeout_s)
+    with Context("pva", useenv=False, conf=_p4p_conf()) as context:
+        return dict(context.get(pv_name, timeout=timeout_s).todict())
+
+
+class StatusFeed:
+    """The latest P:Status snapshot from one monitor, and when it arrived.
+
+    The client library calls back on its own thread; the page is drawn on the
+    caller's, so the snapshot is handed over under a lock.
+    """
+
+    def __init__(self, pv_name: str) -> None:
+        self.pv_name = pv_name
+        self._lock = threading.Lock()
+        self._latest: Optional[Dict[str, Any]] = None
+        self._arrived = 0.0
+        self._close: Callable[[], None] = self._subscribe()
+
+    def _subscribe(self) -> Callable[[], None]:
+        try:
+            from p4p.client.thread import Context
+        except ImportError:
+            import pvaccess
+
+            channel = pvaccess.Channel(self.pv_name)
+            channel.monitor(lambda pv: self._arrive(pv.toDict()), "field()")
+            return channel.stopMonitor
+        context = Context("pva", useenv=False, conf=_p4p_conf())
+        subscription = context.monitor(self.pv_name, self._arrive_p4p)
+
+        def close() -> None:
+            subscription.close()
+            context.close()
+
+        return close
+
+    def _arrive_p4p(self, value: Any) -> None:
+        self._arrive(dict(value.todict()))
+
+    def _arrive(self, fields: Dict[str, Any]) -> None:
+        with self._lock:
+            self._latest, self._arrived = fields, time.monotonic()
+
+    def latest(self) -> Tuple[Optional[Dict[str, Any]], float]:
+        """(fields, seconds since they arrived); (None, 0.0) before the first update."""
+        with self._lock:
+            if self._latest is None:
+                return None, 0.0
+            return self._latest, time.monotonic() - self._arrived
+
+    def close(self) -> None:
+        self._close()
+
+
+def format_status(status: Dict[str, Any]) -> str:
+    """A readable page of P:Status for operators."""
+    latency = status.get("latency") or {}
+
+    def ms(value: Optional[float]) -> str:
+        return "-" if value is None else "{:.2f} ms".format(value)
+
+    drops = ", ".join("{} {}".format(k, v) for k, v in sorted(status.get("dropped", {}).items()) if v) or "none"
+    lines = [
+        "state:      {}".format(status.get("state")),
+        "engine:     {} [{}] sha256 {}".format(
+            status.get("engine_name") or "none", status.get("engine_backend") or "-", (status.get("engine_sha256") or "-")[:16]
+        ),
+        "frames:     received {}, published {}, dropped {}".format(
+            status.get("received"), status.get("published"), status.get("dropped_total")),
+        "upstream:   {} missing (gaps in uniqueId), {} server queue overruns".format(
+            status.get("missing_upstream"), status.get("upstream_overruns")),
+        "drops:      {}".format(drops),
+        "rates:      in {:.1f} Hz, out {:.1f} Hz".format(status.get("rate_in_hz", 0.0), status.get("rate_out_hz", 0.0)),
+        "latency:    p50 {}, p99 {}, max {}".format(ms(latency.get("p50_ms")), ms(latency.get("p99_ms")), ms(latency.get("max_ms"))),
+        "queue:      {}".format(_queue(status)),
+        "uptime:     {:.0f} s".format(status.get("uptime_s", 0.0)),
+    ]
+    for error in status.get("recent_errors") or []:
+        lines.append("last error: {}".format(error))
+    return "\n".join(lines)
+
+
+def _queue(status: Dict[str, Any]) -> str:
+    depth, capacity = status.get("queue_depth"), status.get("ring_capacity")
+    if not capacity:
+        return "{} frames".format(depth)
+    return "{} of {} frames ({:.0f} % of the ring)".format(depth, capacity, 100.0 * (depth or 0) / capacity)
+
+
+def watch_page(pv_name: str, status: Optional[Dict[str, Any]], age_s: float) -> List[str]:
+    """The lines of the live page: the status page plus what changes over a scan (detector, engines, GPU)."""
+    if status is None:
+        return ["{}: waiting for the first update (is the appliance running, and do EPICS_PVA_ADDR_LIST and "
+                "EPICS_PVA_BROADCAST_PORT reach it?)".format(pv_name), "", "q quits"]
+    freshness = "updated {:.0f} s ago".format(age_s)
+    if age_s > STALE_AFTER_S:
+        freshness = "STALE: no update for {:.0f} s (appliance stopped or unreachable)".format(age_s)
+    lines = ["ptychonn-edge  {}  {}".format(pv_name, freshness), ""]
+    lines += format_status(status).splitlines()
+    lines += ["", _detector(status)]
+    lines += _engines(status)
+    jetson = _jetson(status)
+    if jetson:
+        lines += ["", jetson]
+    lines += ["", "q quits"]
+    return lines
+
+
+def _detector(status: Dict[str, Any]) -> str:
+    pv = status.get("detector_pv") or "?"
+    if status.get("detector_connected"):
+        return "detector:   {} connected".format(pv)
+    waiting = status.get("detector_waiting_s")
+    return "detector:   {} NOT CONNECTED{}".format(pv, "" if waiting is None else " for {:.0f} s".format(waiting))
+
+
+def _engines(status: Dict[str, Any]) -> List[str]:
+    lines = ["engines:    {} swaps, {} rejected; build {}".format(
+        status.get("engine_swaps", 0), status.get("engine_rejections", 0), status.get("engine_build") or "off")]
+    for verdict in (status.get("engine_verdicts") or [])[-_VERDICTS_SHOWN:]:
+        mark = "accepted" if verdict.get("accepted") else "REJECTED"
+        reason = verdict.get("reason") or ""
+        lines.append("  {} {}{}".format(mark, verdict.get("file"), ": " + reason if reason else ""))
+    return lines
+
+
+def _jetson(status: Dict[str, Any]) -> str:
+    """The Jetson line from jetson-stats' figures; empty where there are none (not a Jetson)."""
+    if not status.get("jetson_available"):
+        return ""
+    figures = [("GPU", "gpu_load_pct", "{:.0f} %"), ("GPU temp", "temp_gpu_c", "{:.0f} C"),
+               ("CPU temp", "temp_cpu_c", "{:.0f} C"), ("power", "power_total_w", "{:.1f} W")]
+    parts = ["{} {}".format(label, form.format(status[key])) for label, key, form in figures
+             if isinstance(status.get(key), (int, float)) and status[key] == status[key]]
+    return "jetson:     " + (", ".join(parts) or "no figures")
+
+
+def watch(pv_name: str, refresh_s: float) -> int:
+    """Redraw the page every ``refresh_s`` until q (or Ctrl-C); curses keeps it usable over ssh."""
+    import curses
+    import json
+
+    feed = StatusFeed(pv_name)
+
+    def loop(screen: Any) -> None:
+        try:
+            curses.curs_set(0)
+        except curses.error:  # a terminal without cursor control
+            pass
+        screen.timeout(max(1, int(refresh_s * 1000)))
+        while True:
+            fields, age = feed.latest()
+            status = json.loads(fields["json"]) if fields else None
+            _draw(screen, watch_page(pv_name, status, age))
+            if screen.getch() in (ord("q"), ord("Q")):
+                return
+
+    try:
+        curses.wrapper(loop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        feed.close()
+    return 0
+
+
+def _draw(screen: Any, lines: List[str]) -> None:
+    import curses
+
+    height, width = screen.getmaxyx()
+    screen.erase()
+    for row, line in enumerate(lines[: height]):
+        try:
+            screen.addnstr(row, 0, line, max(0, width - 1))
+        except curses.error:  # the bottom-right cell of a tiny terminal
+            pass
+    screen.refresh()
