@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 EXIT_BAD_INPUT = 2
 
@@ -111,27 +110,47 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
     watch.set_defaults(handler=_watch)
 
-    for name, module in _EXTENSIONS:
-        _add_extension(commands, name, module)
+    for name, module, needs in _EXTENSIONS:
+        _add_extension(commands, name, module, needs)
     return parser
 
 
-# Subcommands whose modules add their own arguments: (command, module with add_arguments/main).
+# Subcommands whose modules add their own arguments: (command, module with add_arguments/main,
+# the optional modules the command cannot do without and the extra that installs each).
 _EXTENSIONS = [
-    ("build-engine", "appliance.engines.build"),
-    ("simulate", "appliance.sim.serve"),
-    ("demo", "appliance.demo"),
+    ("build-engine", "appliance.engines.build", ()),
+    ("simulate", "appliance.sim.serve", ()),
+    ("demo", "appliance.demo", (("matplotlib", "demo"),)),
 ]
 
 
-def _add_extension(commands: Any, name: str, module: str) -> None:
+def _add_extension(commands: Any, name: str, module: str, needs: Sequence[Tuple[str, str]]) -> None:
     import importlib
 
     loaded = importlib.import_module(module)
     sub = commands.add_parser(name, help=(loaded.__doc__ or "").strip().splitlines()[0])
     loaded.add_arguments(sub)
-    handler: Callable[[argparse.Namespace], int] = loaded.main
-    sub.set_defaults(handler=handler)
+    sub.set_defaults(handler=_needing(name, needs, loaded.main))
+
+
+def _needing(command: str, needs: Sequence[Tuple[str, str]], handler: Callable[[argparse.Namespace], int]
+             ) -> Callable[[argparse.Namespace], int]:
+    """``handler``, run only once the optional modules it needs import: a missing one is named with the
+    extra that installs it before any work is done (not as a traceback at the end of a scan)."""
+
+    def checked(args: argparse.Namespace) -> int:
+        import importlib
+
+        for module, extra in needs:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                print("ptychonn-edge {} needs {} ({}): pip install 'ptychonn-edge[{}]'".format(
+                    command, module, exc, extra), file=sys.stderr)
+                return EXIT_BAD_INPUT
+        return handler(args)
+
+    return checked
 
 
 def main(argv: Optional[List[str]] = None) -> int:

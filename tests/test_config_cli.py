@@ -157,3 +157,26 @@ def test_a_manifest_sha256_that_does_not_match_rejects_the_file(tmp_path):
 def test_the_shipped_example_config_is_valid():
     result = cli("check-config", os.path.join(ROOT, "systemd", "config.example.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+# A stand-in for an environment without matplotlib, whether or not this one has it: the import fails
+# as it does where the package is not installed.
+_WITHOUT_MATPLOTLIB = """
+import sys
+class Uninstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'")
+sys.meta_path.insert(0, Uninstalled())
+from appliance.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_command_missing_an_optional_part_names_its_extra_before_doing_any_work(tmp_path):
+    out = tmp_path / "demo-output"
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_MATPLOTLIB, "demo", "--points", "20", "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "ptychonn-edge demo needs matplotlib" in run.stderr and "pip install 'ptychonn-edge[demo]'" in run.stderr
+    assert run.stdout == "" and not out.exists()  # nothing simulated, nothing written
