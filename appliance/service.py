@@ -291,7 +291,9 @@ class _Service:
         if not drained:
             log.error("drain timed out after %g s: frames still queued were not published", timeout)
             return EXIT_FAILED
-        log.info("stopped, all received frames published")
+        counters = self._appliance.telemetry.counters
+        log.info("stopped, all received frames published (received %d, published %d, dropped %d)",
+                 counters.received, counters.published, counters.dropped_total)
         return EXIT_OK
 
     def _fail(self, reason: str) -> int:

@@ -183,7 +183,13 @@ def test_ready_status_reload_and_draining_stop(setup):
             process.kill()
     assert code == service.EXIT_OK, output
     assert _has(_after(notify.messages, sent_term), "STOPPING", "1")
-    assert [r.unique_id for r in received] == list(range(1, last_id + 1)), "frames lost across reload or stop"
+    # The appliance's own count: each frame published once. The viewer's pvapy client may hand its last
+    # update over a second time when the server goes away (seen in one run of twenty on a loaded machine):
+    # what it shows is checked for order and completeness, a repeat of the update before not counted.
+    assert "published {}, dropped 0)".format(last_id) in output, output
+    seen = [r.unique_id for r in received]
+    assert [i for n, i in enumerate(seen) if n == 0 or i != seen[n - 1]] == list(range(1, last_id + 1)), \
+        "frames lost or out of order across reload or stop"
     assert "reloaded" in output
 
 
