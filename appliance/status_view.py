@@ -10,6 +10,7 @@ through pvapy it costs the appliance one channel.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -88,6 +89,12 @@ class StatusFeed:
         self._close()
 
 
+def snapshot(fields: Dict[str, Any]) -> Dict[str, Any]:
+    """The whole status snapshot from P:Status's ``json`` field; figures not measured yet (NaN there,
+    e.g. jetson-stats' on a machine without them) become None, so it prints as strict JSON."""
+    return json.loads(fields["json"], parse_constant=lambda _: None)
+
+
 def format_status(status: Dict[str, Any]) -> str:
     """A readable page of P:Status for operators."""
     latency = status.get("latency") or {}
@@ -109,6 +116,11 @@ def format_status(status: Dict[str, Any]) -> str:
         "rates:      in {:.1f} Hz, out {:.1f} Hz".format(status.get("rate_in_hz", 0.0), status.get("rate_out_hz", 0.0)),
         "latency:    p50 {}, p99 {}, max {}".format(ms(latency.get("p50_ms")), ms(latency.get("p99_ms")), ms(latency.get("max_ms"))),
         "queue:      {}".format(_queue(status)),
+        _detector(status),
+        "engines:    {} swaps, {} rejected{}; build {}".format(
+            status.get("engine_swaps", 0), status.get("engine_rejections", 0),
+            ", last: " + status["last_rejection"] if status.get("last_rejection") else "",
+            status.get("engine_build") or "off"),
         "uptime:     {:.0f} s".format(status.get("uptime_s", 0.0)),
     ]
     for error in status.get("recent_errors") or []:
@@ -133,8 +145,7 @@ def watch_page(pv_name: str, status: Optional[Dict[str, Any]], age_s: float) -> 
         freshness = "STALE: no update for {:.0f} s (appliance stopped or unreachable)".format(age_s)
     lines = ["ptychonn-edge  {}  {}".format(pv_name, freshness), ""]
     lines += format_status(status).splitlines()
-    lines += ["", _detector(status)]
-    lines += _engines(status)
+    lines += _verdicts(status)
     jetson = _jetson(status)
     if jetson:
         lines += ["", jetson]
@@ -150,9 +161,9 @@ def _detector(status: Dict[str, Any]) -> str:
     return "detector:   {} NOT CONNECTED{}".format(pv, "" if waiting is None else " for {:.0f} s".format(waiting))
 
 
-def _engines(status: Dict[str, Any]) -> List[str]:
-    lines = ["engines:    {} swaps, {} rejected; build {}".format(
-        status.get("engine_swaps", 0), status.get("engine_rejections", 0), status.get("engine_build") or "off")]
+def _verdicts(status: Dict[str, Any]) -> List[str]:
+    """The latest engine verdicts, newest last: what was deployed and what became of it."""
+    lines = []
     for verdict in (status.get("engine_verdicts") or [])[-_VERDICTS_SHOWN:]:
         mark = "accepted" if verdict.get("accepted") else "REJECTED"
         reason = verdict.get("reason") or ""
@@ -174,7 +185,6 @@ def _jetson(status: Dict[str, Any]) -> str:
 def watch(pv_name: str, refresh_s: float) -> int:
     """Redraw the page every ``refresh_s`` until q (or Ctrl-C); curses keeps it usable over ssh."""
     import curses
-    import json
 
     feed = StatusFeed(pv_name)
 
@@ -186,7 +196,7 @@ def watch(pv_name: str, refresh_s: float) -> int:
         screen.timeout(max(1, int(refresh_s * 1000)))
         while True:
             fields, age = feed.latest()
-            status = json.loads(fields["json"]) if fields else None
+            status = snapshot(fields) if fields else None
             _draw(screen, watch_page(pv_name, status, age))
             if screen.getch() in (ord("q"), ord("Q")):
                 return

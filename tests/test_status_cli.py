@@ -7,9 +7,12 @@ seconds would grow the appliance without bound. Each read here is what one
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from appliance.sim.detector import DetectorServer
 from appliance.sim.loopback import free_ports, loopback_env
@@ -51,6 +54,11 @@ def test_status_prints_the_snapshot_and_repeated_reads_leave_the_appliance_as_it
                                capture_output=True, text=True, timeout=120)
         assert shown.returncode == 0, shown.stderr
         assert "state:      serving" in shown.stdout and "engine:     identity.onnx [onnxruntime]" in shown.stdout
+        assert "detector:   STATUS:det:Image connected" in shown.stdout
+        raw = subprocess.run([sys.executable, "-m", "appliance.cli", "status", "--prefix", "STATUS:pn", "--json"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        strict = json.loads(raw.stdout, parse_constant=lambda name: pytest.fail("not JSON: " + name))
+        assert strict["state"] == "serving" and strict["detector_pv"] == "STATUS:det:Image"
 
         _read_status(env, "STATUS:pn", 20)  # the first reads settle what any client's first connection costs
         before = _rss_kb(app.process.pid)

@@ -26,7 +26,7 @@ def _status(**changes):
         "missing_upstream": 0, "upstream_overruns": 0, "rate_in_hz": 50.0, "rate_out_hz": 49.0,
         "latency": {"p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0}, "queue_depth": 1024, "ring_capacity": 4096,
         "uptime_s": 60.0, "detector_pv": "DET:Image", "detector_connected": True, "engine_swaps": 1,
-        "engine_rejections": 1, "engine_build": "idle",
+        "engine_rejections": 1, "engine_build": "idle", "last_rejection": "bad.onnx: truncated",
         "engine_verdicts": [{"file": "m.onnx", "accepted": True, "reason": ""},
                             {"file": "bad.onnx", "accepted": False, "reason": "truncated"}],
     }
@@ -40,6 +40,7 @@ def test_the_page_shows_drops_by_reason_ring_fill_and_the_engine_history():
     assert "queue:      1024 of 4096 frames (25 % of the ring)" in page
     assert "  accepted m.onnx\n  REJECTED bad.onnx: truncated" in page
     assert "detector:   DET:Image connected" in page
+    assert "engines:    1 swaps, 1 rejected, last: bad.onnx: truncated; build idle" in page
     assert "updated 0 s ago" in page and "jetson" not in page
 
 
