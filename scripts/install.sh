@@ -215,27 +215,60 @@ shipped_engines() {
     [ "$copied" -eq 0 ] || say "installed the shipped default engine into $engines"
 }
 
+character_devices() {
+    # "PATH GROUP" for each character device node under /dev.
+    find /dev -xdev -type c -printf '%p %g\n' 2>/dev/null | sort
+}
+
+gpu_device_nodes() {
+    # The GPU's nodes among character_devices' lines (stdin), as they came. Jetson: /dev/nvmap,
+    # /dev/nvhost-* (JetPack 5: the iGPU, and the DLAs), /dev/nvgpu/igpu0/* (JetPack 6), whose
+    # CUDA also opens /dev/host1x-fence (sync fences) and a DRM render node; discrete GPUs:
+    # /dev/nvidia*, /dev/nvidia-caps/*. Render nodes only beside /dev/nvgpu/: elsewhere they
+    # belong to another GPU (the display's) that CUDA does not use.
+    local listing path group nvgpu=0
+    listing=$(cat)
+    case "$listing" in /dev/nvgpu/*|*$'\n'/dev/nvgpu/*) nvgpu=1 ;; esac
+    while read -r path group; do
+        case "$path" in
+            /dev/nvmap|/dev/nvhost-*|/dev/nvgpu/*|/dev/host1x-fence|/dev/nvidia*) echo "$path $group" ;;
+            /dev/dri/renderD*) [ "$nvgpu" -eq 0 ] || echo "$path $group" ;;
+        esac
+    done <<<"$listing"
+}
+
+gpu_dropin() {
+    # The unit drop-in allowing the "PATH GROUP" nodes on stdin (nothing for none). Their groups
+    # other than root and video (the unit's) are added to SupplementaryGroups=: render on JetPack 6.
+    local path group nodes=() groups=()
+    while read -r path group; do
+        [ -n "$path" ] || continue
+        nodes+=("$path")
+        case "$group" in root|video|'') ;; *) groups+=("$group") ;; esac
+    done
+    [ ${#nodes[@]} -gt 0 ] || return 0
+    echo "# Written by scripts/install.sh from the GPU device nodes present; rerun it after a JetPack upgrade."
+    echo "[Service]"
+    printf 'DeviceAllow=%s rw\n' "${nodes[@]}"
+    if [ ${#groups[@]} -gt 0 ]; then
+        echo "SupplementaryGroups=$(printf '%s\n' "${groups[@]}" | sort -u | paste -sd ' ' -)"
+    fi
+}
+
 gpu_device_dropins() {
     # DevicePolicy=closed in the units: allow exactly the GPU nodes this machine has.
-    # Jetson: /dev/nvmap, /dev/nvhost-* (JetPack 5), /dev/nvgpu/*/* (JetPack 6);
-    # discrete GPUs: /dev/nvidia*. CPU-only machines get no drop-in.
-    local nodes=() node unit
-    for node in /dev/nvmap /dev/nvhost-* /dev/nvgpu/*/* /dev/nvidia* /dev/nvidia-caps/*; do
-        [ -c "$node" ] && nodes+=("$node")
-    done
+    # CPU-only machines get no drop-in.
+    local dropin unit
+    dropin=$(character_devices | gpu_device_nodes | gpu_dropin)
     for unit in "$SERVICE.service" "$SERVICE@.service"; do
-        if [ ${#nodes[@]} -eq 0 ]; then
+        if [ -z "$dropin" ]; then
             rm -f "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
             continue
         fi
         install -d -m 0755 "$UNIT_DIR/$unit.d"
-        {
-            echo "# Written by scripts/install.sh from the GPU device nodes present; rerun it after a JetPack upgrade."
-            echo "[Service]"
-            for node in "${nodes[@]}"; do echo "DeviceAllow=$node rw"; done
-        } > "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
+        printf '%s\n' "$dropin" > "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
     done
-    [ ${#nodes[@]} -eq 0 ] || say "allowed ${#nodes[@]} GPU device nodes (50-gpu-devices.conf)"
+    [ -z "$dropin" ] || say "allowed $(grep -c '^DeviceAllow=' <<<"$dropin") GPU device nodes (50-gpu-devices.conf)"
 }
 
 units() {
