@@ -142,7 +142,7 @@ cuda_extra_for_driver() {
 nvidia_driver_version() {
     # One line per GPU, all with the same driver; nothing without nvidia-smi or a driver.
     command -v nvidia-smi >/dev/null || return 0
-    { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true; } | head -n 1
+    { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true; } | sed -n 1p
 }
 
 platform_extras() {
@@ -217,7 +217,7 @@ shipped_engines() {
 
 character_devices() {
     # "PATH GROUP" for each character device node under /dev.
-    find /dev -xdev -type c -printf '%p %g\n' 2>/dev/null | sort
+    { find /dev -xdev -type c -printf '%p %g\n' 2>/dev/null || true; } | sort
 }
 
 gpu_device_nodes() {

@@ -124,6 +124,8 @@ JETPACK6_GPU = ["/dev/nvmap video", "/dev/host1x-fence video", "/dev/dri/renderD
         "as", "channel", "ctrl", "ctxsw", "dbg", "nvsched", "power", "prof", "prof-ctx", "prof-dev", "sched", "tsg")]
 DISCRETE_GPU = ["/dev/nvidia0 root", "/dev/nvidiactl root", "/dev/nvidia-uvm root", "/dev/nvidia-uvm-tools root",
                 "/dev/nvidia-caps/nvidia-cap1 root"]
+# Render nodes serve CUDA only beside nvgpu (JetPack 6); on JetPack 5 and a PC they are the display GPU's.
+DISPLAY_RENDER_NODE = ["/dev/dri/renderD128 render"]
 
 
 def _gpu_dropin(devices: List[str]) -> str:
@@ -140,9 +142,15 @@ def _nodes(devices: List[str]) -> List[str]:
     return sorted(line.split()[0] + " rw" for line in devices)
 
 
-@pytest.mark.parametrize("gpu", [JETPACK5_GPU, JETPACK6_GPU, DISCRETE_GPU], ids=["jetpack5", "jetpack6", "discrete"])
-def test_gpu_dropin_allows_exactly_the_gpu_nodes(gpu):
-    assert _allowed(_gpu_dropin(gpu + OTHER_DEVICES)) == _nodes(gpu)
+@pytest.mark.parametrize("gpu, others", [
+    (JETPACK5_GPU, OTHER_DEVICES + DISPLAY_RENDER_NODE),
+    (JETPACK6_GPU, OTHER_DEVICES),
+    (DISCRETE_GPU, OTHER_DEVICES + DISPLAY_RENDER_NODE),
+], ids=["jetpack5", "jetpack6", "discrete"])
+def test_gpu_dropin_allows_exactly_the_gpu_nodes(gpu, others):
+    dropin = _gpu_dropin(gpu + others)
+    assert _allowed(dropin) == _nodes(gpu)
+    assert ("SupplementaryGroups" in dropin) == (gpu is JETPACK6_GPU)
 
 
 def test_jetpack6_dropin_adds_the_render_group_of_its_render_node():
@@ -151,13 +159,6 @@ def test_jetpack6_dropin_adds_the_render_group_of_its_render_node():
     assert "DeviceAllow=/dev/host1x-fence rw" in dropin.splitlines()
     assert [line for line in dropin.splitlines() if line.startswith("SupplementaryGroups=")] == [
         "SupplementaryGroups=render"]
-
-
-def test_render_nodes_of_another_gpu_are_not_allowed():
-    """A PC's render node belongs to its display GPU (Intel, AMD), which CUDA does not use."""
-    dropin = _gpu_dropin(DISCRETE_GPU + OTHER_DEVICES + ["/dev/dri/renderD128 render"])
-    assert _allowed(dropin) == _nodes(DISCRETE_GPU)
-    assert "SupplementaryGroups" not in dropin
 
 
 def test_no_gpu_no_dropin():
