@@ -12,8 +12,9 @@
 #
 # Options:
 #   --prefix DIR     where the venv and docs go (default /opt/ptychonn-edge; the units expect it)
-#   --extras LIST    pip extras, comma separated (default: none when the OS's python3 has
-#                    TensorRT, e.g. on a Jetson, else "cpu" for ONNX Runtime)
+#   --extras LIST    pip extras, comma separated (default: picked from the machine: jetson5
+#                    or jetson6 on a Jetson, cuda11/cuda12/cuda13 for the NVIDIA driver where
+#                    the OS's python3 has TensorRT, "cpu" (ONNX Runtime) where it has not)
 #   --pip-args ARGS  extra pip arguments, e.g. "--no-index --find-links /media/wheels"
 #   --no-apt         do not install python3-venv / python3-systemd with apt-get
 set -euo pipefail
@@ -32,31 +33,30 @@ DEPLOY_GROUP=ptychonn-deploy
 CONFIG_DIR=/etc/ptychonn-edge
 STATE_DIR=/var/lib/ptychonn-edge
 UNIT_DIR=/etc/systemd/system
+TEGRA_RELEASE=/etc/nv_tegra_release
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 say() { printf '%s\n' "install.sh: $*"; }
 die() { printf '%s\n' "install.sh: error: $*" >&2; exit 1; }
 
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
-        --extras) EXTRAS=${2?--extras needs a list}; shift ;;
-        --pip-args) PIP_ARGS=${2?--pip-args needs arguments}; shift ;;
-        --no-apt) USE_APT=0 ;;
-        --no-start) START=0 ;;
-        --uninstall) UNINSTALL=1 ;;
-        --purge) PURGE=1 ;;
-        -h|--help) usage 0 ;;
-        *) printf 'install.sh: unknown option %s\n' "$1" >&2; usage 2 ;;
-    esac
-    shift
-done
-VENV=$PREFIX/venv
-
-[ "$(id -u)" -eq 0 ] || die "run as root (sudo $0 $*)"
-command -v systemctl >/dev/null || die "systemd is required (systemctl not found)"
-[ "$PURGE" -eq 0 ] || [ "$UNINSTALL" -eq 1 ] || die "--purge only goes with --uninstall"
+parse_arguments() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
+            --extras) EXTRAS=${2?--extras needs a list}; shift ;;
+            --pip-args) PIP_ARGS=${2?--pip-args needs arguments}; shift ;;
+            --no-apt) USE_APT=0 ;;
+            --no-start) START=0 ;;
+            --uninstall) UNINSTALL=1 ;;
+            --purge) PURGE=1 ;;
+            -h|--help) usage 0 ;;
+            *) printf 'install.sh: unknown option %s\n' "$1" >&2; usage 2 ;;
+        esac
+        shift
+    done
+    VENV=$PREFIX/venv
+}
 
 # --- removal -------------------------------------------------------------------------
 uninstall() {
@@ -113,10 +113,68 @@ users_and_directories() {
     install -d -m 0755 "$CONFIG_DIR"
 }
 
+# --- which extras: cuda-python must fit the CUDA driver (docs/deploy.md, "Extras") ----------
+l4t_major_release() {
+    # Jetson Linux's release file starts "# R36 (release), REVISION: 4.3, ...": prints 36.
+    sed -n '1s/^# R\([0-9][0-9]*\) (release).*/\1/p' "$1"
+}
+
+jetpack_extra() {
+    # $1: the Jetson Linux (L4T) major release. Each JetPack has its own CUDA driver and Python.
+    case "$1" in
+        35) echo jetson5 ;;  # JetPack 5.x: Python 3.8, CUDA 11.4
+        36) echo jetson6 ;;  # JetPack 6.x: Python 3.10, CUDA 12.2 (6.0) or 12.6 (6.1, 6.2)
+        *) return 1 ;;
+    esac
+}
+
+cuda_extra_for_driver() {
+    # $1: an NVIDIA driver version (535.183.01). The oldest driver each CUDA major runs on
+    # (CUDA minor version compatibility): 13.x 580, 12.x 525, 11.x 450. Nothing for no driver.
+    local major=${1%%.*}
+    case "$major" in ''|*[!0-9]*) return 0 ;; esac
+    if [ "$major" -ge 580 ]; then echo cuda13
+    elif [ "$major" -ge 525 ]; then echo cuda12
+    elif [ "$major" -ge 450 ]; then echo cuda11
+    fi
+}
+
+nvidia_driver_version() {
+    # One line per GPU, all with the same driver; nothing without nvidia-smi or a driver.
+    command -v nvidia-smi >/dev/null || return 0
+    { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true; } | sed -n 1p
+}
+
+platform_extras() {
+    # $1: Jetson Linux's release file (absent elsewhere), $2: the NVIDIA driver version or "",
+    # $3: 1 when the OS python imports tensorrt. A Jetson gets its JetPack's extra, another
+    # TensorRT machine the one for its driver; "cpu" (ONNX Runtime) wherever TensorRT cannot serve.
+    local release_file=$1 driver=$2 tensorrt=$3 platform="" release
+    if [ -e "$release_file" ]; then
+        release=$(l4t_major_release "$release_file")
+        platform=$(jetpack_extra "$release") ||
+            die "$release_file says Jetson Linux R${release:-?}, neither JetPack 5 (R35) nor 6 (R36): no" \
+                "cuda-python is known to fit its CUDA driver; choose the extras with --extras (docs/deploy.md)"
+    elif [ "$tensorrt" = 1 ]; then
+        platform=$(cuda_extra_for_driver "$driver")
+    fi
+    if [ "$tensorrt" = 1 ] && [ -n "$platform" ]; then
+        echo "$platform"
+    else
+        echo "${platform:+$platform,}cpu"
+    fi
+}
+
 python_environment() {
-    local python=/usr/bin/python3 extras=$EXTRAS
+    local python=/usr/bin/python3 extras=$EXTRAS tensorrt=0 driver machine
     if [ "$extras" = auto ]; then
-        if "$python" -c 'import tensorrt' 2>/dev/null; then extras=""; else extras=cpu; fi
+        "$python" -c 'import tensorrt' 2>/dev/null && tensorrt=1
+        driver=$(nvidia_driver_version)
+        extras=$(platform_extras "$TEGRA_RELEASE" "$driver" "$tensorrt")
+        machine="NVIDIA driver ${driver:-none}"
+        [ ! -e "$TEGRA_RELEASE" ] || machine="Jetson Linux R$(l4t_major_release "$TEGRA_RELEASE")"
+        say "extras \"$extras\" for $machine, TensorRT $([ "$tensorrt" = 1 ] || printf 'not ')importable" \
+            "(--extras overrides)"
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV (with the system site packages)"
@@ -157,27 +215,60 @@ shipped_engines() {
     [ "$copied" -eq 0 ] || say "installed the shipped default engine into $engines"
 }
 
+character_devices() {
+    # "PATH GROUP" for each character device node under /dev.
+    { find /dev -xdev -type c -printf '%p %g\n' 2>/dev/null || true; } | sort
+}
+
+gpu_device_nodes() {
+    # The GPU's nodes among character_devices' lines (stdin), as they came. Jetson: /dev/nvmap,
+    # /dev/nvhost-* (JetPack 5: the iGPU, and the DLAs), /dev/nvgpu/igpu0/* (JetPack 6), whose
+    # CUDA also opens /dev/host1x-fence (sync fences) and a DRM render node; discrete GPUs:
+    # /dev/nvidia*, /dev/nvidia-caps/*. Render nodes only beside /dev/nvgpu/: elsewhere they
+    # belong to another GPU (the display's) that CUDA does not use.
+    local listing path group nvgpu=0
+    listing=$(cat)
+    case "$listing" in /dev/nvgpu/*|*$'\n'/dev/nvgpu/*) nvgpu=1 ;; esac
+    while read -r path group; do
+        case "$path" in
+            /dev/nvmap|/dev/nvhost-*|/dev/nvgpu/*|/dev/host1x-fence|/dev/nvidia*) echo "$path $group" ;;
+            /dev/dri/renderD*) [ "$nvgpu" -eq 0 ] || echo "$path $group" ;;
+        esac
+    done <<<"$listing"
+}
+
+gpu_dropin() {
+    # The unit drop-in allowing the "PATH GROUP" nodes on stdin (nothing for none). Their groups
+    # other than root and video (the unit's) are added to SupplementaryGroups=: render on JetPack 6.
+    local path group nodes=() groups=()
+    while read -r path group; do
+        [ -n "$path" ] || continue
+        nodes+=("$path")
+        case "$group" in root|video|'') ;; *) groups+=("$group") ;; esac
+    done
+    [ ${#nodes[@]} -gt 0 ] || return 0
+    echo "# Written by scripts/install.sh from the GPU device nodes present; rerun it after a JetPack upgrade."
+    echo "[Service]"
+    printf 'DeviceAllow=%s rw\n' "${nodes[@]}"
+    if [ ${#groups[@]} -gt 0 ]; then
+        echo "SupplementaryGroups=$(printf '%s\n' "${groups[@]}" | sort -u | paste -sd ' ' -)"
+    fi
+}
+
 gpu_device_dropins() {
     # DevicePolicy=closed in the units: allow exactly the GPU nodes this machine has.
-    # Jetson: /dev/nvmap, /dev/nvhost-* (JetPack 5), /dev/nvgpu/*/* (JetPack 6);
-    # discrete GPUs: /dev/nvidia*. CPU-only machines get no drop-in.
-    local nodes=() node unit
-    for node in /dev/nvmap /dev/nvhost-* /dev/nvgpu/*/* /dev/nvidia* /dev/nvidia-caps/*; do
-        [ -c "$node" ] && nodes+=("$node")
-    done
+    # CPU-only machines get no drop-in.
+    local dropin unit
+    dropin=$(character_devices | gpu_device_nodes | gpu_dropin)
     for unit in "$SERVICE.service" "$SERVICE@.service"; do
-        if [ ${#nodes[@]} -eq 0 ]; then
+        if [ -z "$dropin" ]; then
             rm -f "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
             continue
         fi
         install -d -m 0755 "$UNIT_DIR/$unit.d"
-        {
-            echo "# Written by scripts/install.sh from the GPU device nodes present; rerun it after a JetPack upgrade."
-            echo "[Service]"
-            for node in "${nodes[@]}"; do echo "DeviceAllow=$node rw"; done
-        } > "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
+        printf '%s\n' "$dropin" > "$UNIT_DIR/$unit.d/50-gpu-devices.conf"
     done
-    [ ${#nodes[@]} -eq 0 ] || say "allowed ${#nodes[@]} GPU device nodes (50-gpu-devices.conf)"
+    [ -z "$dropin" ] || say "allowed $(grep -c '^DeviceAllow=' <<<"$dropin") GPU device nodes (50-gpu-devices.conf)"
 }
 
 units() {
@@ -196,15 +287,26 @@ units() {
     fi
 }
 
-if [ "$UNINSTALL" -eq 1 ]; then
-    uninstall
-    exit 0
+main() {
+    parse_arguments "$@"
+    [ "$(id -u)" -eq 0 ] || die "run as root (sudo $0 $*)"
+    command -v systemctl >/dev/null || die "systemd is required (systemctl not found)"
+    [ "$PURGE" -eq 0 ] || [ "$UNINSTALL" -eq 1 ] || die "--purge only goes with --uninstall"
+    if [ "$UNINSTALL" -eq 1 ]; then
+        uninstall
+        exit 0
+    fi
+    [ "$USE_APT" -eq 0 ] || os_packages
+    users_and_directories
+    python_environment
+    configuration
+    shipped_engines
+    units
+    say "done. Logs: journalctl -u $SERVICE; engines go to $STATE_DIR/engines (group $DEPLOY_GROUP:" \
+        "usermod -aG $DEPLOY_GROUP USER), e.g. with scripts/deploy-engine.sh"
+}
+
+# Sourced (tests/: the detection functions with a fake machine), it only defines them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
 fi
-[ "$USE_APT" -eq 0 ] || os_packages
-users_and_directories
-python_environment
-configuration
-shipped_engines
-units
-say "done. Logs: journalctl -u $SERVICE; engines go to $STATE_DIR/engines (group $DEPLOY_GROUP:" \
-    "usermod -aG $DEPLOY_GROUP USER), e.g. with scripts/deploy-engine.sh"

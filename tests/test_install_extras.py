@@ -1,0 +1,76 @@
+"""scripts/install.sh installs the cuda-python that fits the machine's CUDA driver.
+
+The wrong one imports fine and then fails CUDA initialisation, and ``engine.backend: auto``
+quietly serves from the CPU. .ci/check_wheels.py resolves the same extras against PyPI.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from installer import ROOT, run_installer
+
+JETSON_RELEASE = {  # the first line of /etc/nv_tegra_release
+    "JetPack 5.1.1": "# R35 (release), REVISION: 3.1, GCID: 32827747, BOARD: t186ref, EABI: aarch64, DATE: Sun Mar 19",
+    "JetPack 6.2": "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8",
+    "JetPack 4.6": "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t186ref, EABI: aarch64, DATE: Sat Feb 19",
+}
+
+
+def _check_wheels():
+    spec = importlib.util.spec_from_file_location("check_wheels", os.path.join(ROOT, ".ci", "check_wheels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _extras(tmp_path, jetpack: str, driver: str, tensorrt: bool):
+    release = tmp_path / "nv_tegra_release"
+    if jetpack:
+        release.write_text(JETSON_RELEASE[jetpack] + "\n")
+    return run_installer('platform_extras "$1" "$2" "$3"', str(release), driver, "1" if tensorrt else "0")
+
+
+@pytest.mark.parametrize("jetpack, driver, tensorrt, extras", [
+    ("JetPack 5.1.1", "", True, "jetson5"),
+    ("JetPack 6.2", "540.4.0", True, "jetson6"),
+    ("JetPack 6.2", "540.4.0", False, "jetson6,cpu"),  # without TensorRT it must serve on ONNX Runtime
+    ("", "580.65.06", True, "cuda13"),
+    ("", "535.183.01", True, "cuda12"),
+    ("", "470.256.02", True, "cuda11"),
+    ("", "", True, "cpu"),  # TensorRT but no driver
+    ("", "535.183.01", False, "cpu"),
+])
+def test_installer_picks_the_extra_of_the_jetpack_or_driver(tmp_path, jetpack, driver, tensorrt, extras):
+    result = _extras(tmp_path, jetpack, driver, tensorrt)
+    assert (result.returncode, result.stdout.strip()) == (0, extras), result.stderr
+
+
+def test_installer_refuses_a_jetpack_it_has_no_cuda_python_for(tmp_path):
+    result = _extras(tmp_path, "JetPack 4.6", "", True)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "Jetson Linux R32" in result.stderr and "--extras" in result.stderr, result.stderr
+
+
+# What pip took for the old unpinned cuda-python>=11.8 (pip download, for the JetPack's Python and
+# glibc): 12.3.0 imports on JetPack 5.1, then fails on its CUDA 11.4 driver. And a wheel that fits.
+UNPINNED_PICK = {"jetson5": "12.3.0", "jetson6": "13.4.4"}
+FITTING = {"jetson5": "11.8.2", "jetson6": "12.9.10", "cuda11": "11.8.7", "cuda12": "12.9.10", "cuda13": "13.4.4"}
+
+
+def _allowed(extra: str):
+    """The cuda-python versions ptychonn-edge[extra] allows on its target platform."""
+    check_wheels = _check_wheels()
+    return check_wheels.cuda_python_specifier(next(t for t in check_wheels.TARGETS if t.extra == extra))
+
+
+@pytest.mark.parametrize("extra", sorted(FITTING))
+def test_each_platform_extra_allows_a_cuda_python_that_fits_its_driver(extra):
+    assert FITTING[extra] in _allowed(extra)
+
+
+@pytest.mark.parametrize("extra", sorted(UNPINNED_PICK))
+def test_jetpack_extras_exclude_what_an_unpinned_pip_picks(extra):
+    assert UNPINNED_PICK[extra] not in _allowed(extra)
