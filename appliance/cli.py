@@ -61,7 +61,7 @@ def _inspect_engine(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from appliance.status_view import format_status, read_status
+    from appliance.status_view import format_status, read_status, snapshot
 
     name = args.prefix + ":Status"
     try:
@@ -69,10 +69,11 @@ def _status(args: argparse.Namespace) -> int:
     except Exception as exc:  # pvapy and p4p raise their own types for timeouts and missing channels
         print("cannot read {}: {}".format(name, exc), file=sys.stderr)
         return 1
+    status = snapshot(fields)
     if args.json:
-        print(fields["json"])
+        print(json.dumps(status, sort_keys=True, allow_nan=False))
         return 0
-    print(format_status(json.loads(fields["json"])))
+    print(format_status(status))
     return 0
 
 
