@@ -193,7 +193,8 @@ class StreamEngine(Engine):
                  compute_s: float = 0.0, gates: Optional[Dict[int, threading.Event]] = None,
                  refuse: Tuple[int, ...] = ()) -> None:
         frame = TensorSpec("x", (size, size), np.dtype(np.float32))
-        io = EngineIO(frame, {PHASE: TensorSpec("phase", (size, size), np.dtype(np.float32))}, BatchSpec(False, max_batch))
+        phase = TensorSpec("phase", (size, size), np.dtype(np.float32))
+        io = EngineIO(frame, {PHASE: phase}, BatchSpec(False, max_batch))
         super().__init__("standin.engine", io, "0" * 64)
         self._cudart, self._size, self._limit = cudart, size, max_in_flight
         self._compute_s, self._gates, self._refuse = compute_s, gates or {}, refuse
