@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
 _DEVICE = 0  # the appliance uses one GPU; CUDA_VISIBLE_DEVICES picks which
+POLL_S = 0.00025  # waiting for an event: the pause between two queries, i.e. how late completion is seen
 
 
 class CudaError(RuntimeError):
@@ -267,8 +269,16 @@ class Event:
         _call("cudaEventQuery", result)
         return True
 
-    def synchronize(self) -> None:
-        _call("cudaEventSynchronize", _rt().cudaEventSynchronize(self.native))
+    def synchronize(self, poll_s: float = POLL_S) -> None:
+        """Block until :meth:`query` is true, leaving the GIL to other threads meanwhile.
+
+        Not cudaEventSynchronize: cuda-python 11.8 and 12.x call it without
+        releasing the GIL, so ingest, status and publishing would all stop while
+        the GPU works. A query returns at once and the sleep between two releases
+        the GIL; completion is noticed at most ``poll_s`` late.
+        """
+        while not self.query():
+            time.sleep(poll_s)
 
     def elapsed_ms(self, start: "Event") -> float:
         """Milliseconds from ``start`` to this event; both must be timing events that completed."""

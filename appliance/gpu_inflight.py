@@ -7,6 +7,11 @@ discrete GPU one ``cudaMemcpyAsync`` moves the whole batch. Outputs come back
 into pinned host memory on the same stream, and an event recorded after them
 tells the pipeline, without blocking, when the batch is done. Each slot has its
 own stream, so while one slot computes, the next one's copy-in already runs.
+
+Where the ring's slots are padded to TensorRT's 256-byte alignment (mapped
+memory, frames whose size is not a multiple of 256 bytes), a batch of several
+frames is not one dense block: it is packed into the slot's staging buffer by
+one host copy, as a short batch for a fixed-batch engine is.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ class _Output:
 
 
 class CudaSlot(InflightSlot):
+    poll_s = cuda.POLL_S
+
     def __init__(self, engine: Engine, ring: FrameRing, timing: bool = False) -> None:
         super().__init__()
         self._ring = ring
@@ -48,7 +55,8 @@ class CudaSlot(InflightSlot):
         self.marks: Dict[str, cuda.Event] = {stage: cuda.Event(timing=True) for stage in STAGES} if timing else {}
         self._buffers_for: Optional[Engine] = None
         self._input: Optional[cuda.DeviceBuffer] = None  # discrete GPU: where the batch is copied to
-        self._staging: Optional[cuda.PinnedBuffer] = None  # zero-copy, fixed batch: the padded batch
+        self._staging: Optional[cuda.PinnedBuffer] = None  # zero-copy: a batch packed or padded for the engine
+        self._staged: Optional[np.ndarray] = None  # (frames, H, W) view of the staging buffer
         self._outputs: Dict[str, _Output] = {}
         self._size = 0
         self._allocate(engine)
@@ -65,9 +73,11 @@ class CudaSlot(InflightSlot):
         capacity_nbytes = io.batch.size * self._ring.frame_nbytes
         if not self._zero_copy:
             self._input = cuda.DeviceBuffer(capacity_nbytes)
-        elif io.batch.fixed:
+        elif io.batch.fixed or self._ring.slot_nbytes != self._ring.frame_nbytes:
             self._staging = cuda.PinnedBuffer(capacity_nbytes, mapped=True)
             self._staging.array[:] = 0
+            self._staged = self._staging.array.view(self._ring.dtype).reshape(
+                (io.batch.size,) + tuple(self._ring.frame_shape))
         for role in io.outputs:
             self._outputs[role] = _Output(io.batch.size, io.output_image_shape(role), np.dtype(io.outputs[role].dtype))
         self._buffers_for = engine
@@ -104,25 +114,24 @@ class CudaSlot(InflightSlot):
         self._done.record(self._stream)
 
     def _stage_input(self, batch: Batch, run_size: int) -> int:
-        """The device address of the batch, zero-padded to ``run_size`` frames."""
+        """The device address of the batch as one dense block, zero-padded to ``run_size`` frames."""
         ring = self._ring
-        offset = batch.start * ring.frame_nbytes
+        offset = batch.start * ring.slot_nbytes
         nbytes = batch.size * ring.frame_nbytes
         padding = (run_size - batch.size) * ring.frame_nbytes
-        if not self._zero_copy:
+        if not self._zero_copy:  # an unmapped ring is packed: the batch is one block
             assert self._input is not None
             cuda.copy_host_to_device(self._input.ptr, ring.memory.host_ptr + offset, nbytes, self._stream)
             if padding:
                 cuda.memset(self._input.ptr + nbytes, 0, padding, self._stream)
             return self._input.ptr
-        if not padding:
+        if not padding and ring.is_dense(batch):
             return ring.memory.device_ptr + offset
-        # A short batch for a fixed-batch engine: the frames after it in the ring are
-        # not ours to zero, so the batch goes to a padded buffer (a host copy, no DMA).
-        assert self._staging is not None and self._staging.device_ptr is not None
-        staging = self._staging.array
-        staging[:nbytes] = ring.memory.array[offset : offset + nbytes]
-        staging[nbytes : nbytes + padding] = 0
+        # Frames apart in the ring (aligned slots) or a short batch for a fixed-batch engine (the
+        # frames after it are not ours to zero): the batch goes to the staging buffer, a host copy.
+        assert self._staging is not None and self._staging.device_ptr is not None and self._staged is not None
+        self._staged[: batch.size] = batch.frames
+        self._staged[batch.size : run_size] = 0
         return self._staging.device_ptr
 
     def _mark(self, stage: str) -> None:
@@ -134,7 +143,7 @@ class CudaSlot(InflightSlot):
         return self._done.query()
 
     def wait(self) -> None:
-        self._done.synchronize()
+        self._done.synchronize(self.poll_s)
 
     def outputs(self) -> Dict[str, np.ndarray]:
         return {role: out.images[: self._size] for role, out in self._outputs.items()}
@@ -144,6 +153,7 @@ class CudaSlot(InflightSlot):
         return {stage: event.elapsed_ms(reference) for stage, event in self.marks.items()}
 
     def _release_buffers(self) -> None:
+        self._staged = None  # the view goes before the memory under it
         for buffer in [self._input, self._staging] + [o for o in self._outputs.values()]:
             if buffer is not None:
                 buffer.close()

@@ -19,6 +19,10 @@ from appliance.ring import Batch, FrameRing
 class InflightSlot(abc.ABC):
     """One batch's journey; a slot is reused once its outputs have been consumed."""
 
+    # While the slot is in flight, how long the pipeline may wait for frames before it asks
+    # done() again: how late a completion may be noticed. Slots done at launch are never polled.
+    poll_s = 0.0
+
     def __init__(self) -> None:
         self.batch: Optional[Batch] = None
         self.engine: Optional[Engine] = None
@@ -33,7 +37,7 @@ class InflightSlot(abc.ABC):
 
     @abc.abstractmethod
     def wait(self) -> None:
-        """Block until :meth:`done` would be true."""
+        """Block until :meth:`done` would be true, leaving the GIL to other threads (ingest) meanwhile."""
 
     @abc.abstractmethod
     def outputs(self) -> Dict[str, np.ndarray]:
@@ -72,9 +76,17 @@ def make_slots(engine: Engine, ring: FrameRing, count: int) -> List[InflightSlot
     """Slots suited to ``engine``: CUDA slots for GPU engines, one CPU slot otherwise.
 
     A CPU engine runs synchronously, so more than one CPU slot would never overlap.
+    GPU slots are capped at :func:`slot_limit`: a slot beyond what the engine can
+    run at once would fail every batch it is given.
     """
     if engine.runs_on_gpu:
         from appliance.gpu_inflight import CudaSlot
 
-        return [CudaSlot(engine, ring) for _ in range(count)]
+        return [CudaSlot(engine, ring) for _ in range(slot_limit(engine, count))]
     return [CpuSlot()]
+
+
+def slot_limit(engine: Engine, count: int) -> int:
+    """``count`` (pipeline.in_flight), or fewer when the engine runs fewer batches at once."""
+    cap = engine.max_in_flight
+    return count if cap is None else max(1, min(count, cap))

@@ -5,6 +5,11 @@ out after at most ``max_wait_ms`` so the last frames of a scan never wait for
 frames that will not come. Engine swaps happen between batches: batches in
 flight finish on the engine they started with, which is closed after its last
 batch completes.
+
+While a batch is in flight the loop never sleeps longer than the slot's poll
+interval, so a finished batch is published at once, whether or not another frame
+arrives. Batches complete, succeed or fail in the order they were taken, as the
+ring releases its slots only in that order.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import numpy as np
 
 from appliance.config import PipelineConfig
 from appliance.engines.base import Engine
-from appliance.inflight import InflightSlot, make_slots
+from appliance.inflight import InflightSlot, make_slots, slot_limit
 from appliance.ntndarray import FrameMeta
 from appliance.ring import Batch, FrameRing
 from appliance.telemetry import Telemetry
@@ -31,6 +36,28 @@ FaultHandler = Callable[[Engine, str], None]
 
 _IDLE_TICK_S = 0.25  # the loop reports progress at least this often when idle
 HANG_HOOK_ENV = "PTYCHONN_EDGE_TEST_HANG_FILE"
+
+
+class _FailedLaunch(InflightSlot):
+    """A batch whose launch raised: it waits in the in-flight FIFO, behind the batches launched
+    before it, and fails when its turn comes, so the ring gets its slots back in order."""
+
+    def __init__(self, engine: Engine, batch: Batch, error: Exception) -> None:
+        super().__init__()
+        self.engine, self.batch = engine, batch
+        self._error = error
+
+    def launch(self, engine: Engine, batch: Batch) -> None:
+        raise AssertionError("a failed launch is not relaunched")
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Nothing runs: the launch failed."""
+
+    def outputs(self) -> Dict[str, np.ndarray]:
+        raise self._error
 
 
 class Pipeline:
@@ -63,6 +90,7 @@ class Pipeline:
         self._failure: Optional[str] = None
         self._hang_file = os.environ.get(HANG_HOOK_ENV)
         self.progress = 0
+        self.in_flight_cap: Optional[str] = None  # why fewer slots than pipeline.in_flight serve the engine
         if engine is not None:
             self._install(engine)
 
@@ -108,14 +136,13 @@ class Pipeline:
                 if self._engine is None:
                     self._drop_without_engine()
                     continue
-                if len(self._inflight) == len(self._slots):
+                slot = self._free_slot()
+                if slot is None:
                     self._complete(self._inflight.popleft(), block=True)
                     continue
                 batch = self._next_batch(self._batch_limit(self._engine))
                 if batch is not None:
-                    self._launch(batch)
-                elif self._inflight:
-                    self._complete(self._inflight.popleft(), block=True)
+                    self._launch(slot, batch)
             self._close_engines()
         except Exception as exc:  # the service must learn of it and restart us
             self._failure = "pipeline thread died: {}: {}".format(type(exc).__name__, exc)
@@ -136,26 +163,37 @@ class Pipeline:
         if ring.waiting() >= limit:
             return ring.take(limit)
         oldest = ring.oldest_arrival()
+        look_again = self._next_look()
         if oldest is None:
-            ring.wait_for_frames(1, time.monotonic() + _IDLE_TICK_S)
+            ring.wait_for_frames(1, look_again)
             return None
         deadline = oldest + self._config.max_wait_ms / 1e3
         if self._stopping.is_set():
             deadline = time.monotonic()
-        if ring.wait_for_frames(limit, min(deadline, time.monotonic() + _IDLE_TICK_S)) >= limit:
+        if ring.wait_for_frames(limit, min(deadline, look_again)) >= limit:
             return ring.take(limit)
         if time.monotonic() >= deadline:
             return ring.take(limit)
         return None
 
-    def _launch(self, batch: Batch) -> None:
+    def _next_look(self) -> float:
+        """When the loop must look up from waiting for frames: at the oldest in-flight batch's next
+        completion check, or at the idle tick when nothing is in flight."""
+        pause = self._inflight[0].poll_s if self._inflight else _IDLE_TICK_S
+        return time.monotonic() + pause
+
+    def _free_slot(self) -> Optional[InflightSlot]:
+        """A slot for the current engine with no batch in flight, or None when all are busy."""
+        engine = self._engine
+        return next((s for s in self._slots if s not in self._inflight and s.engine in (None, engine)), None)
+
+    def _launch(self, slot: InflightSlot, batch: Batch) -> None:
         engine = self._engine
         assert engine is not None
-        slot = next(s for s in self._slots if s not in self._inflight and s.engine in (None, engine))
         try:
             slot.launch(engine, batch)
         except Exception as exc:
-            self._fail_batch(engine, batch, "{}: {}".format(type(exc).__name__, exc))
+            self._inflight.append(_FailedLaunch(engine, batch, exc))
             return
         self._counters.batches += 1
         self._inflight.append(slot)
@@ -245,10 +283,22 @@ class Pipeline:
     def _install(self, engine: Engine) -> None:
         self._engine = engine
         self._faults_in_a_row = 0
+        busy = [slot for slot in self._slots if slot in self._inflight]
         for slot in self._slots:
-            if slot not in self._inflight:
+            if slot not in busy:
                 slot.close()
-        self._slots = list(self._inflight) + make_slots(engine, self._ring, self._config.in_flight)
+        self._slots = busy + make_slots(engine, self._ring, self._config.in_flight)
+        self._note_in_flight_cap(engine)
+
+    def _note_in_flight_cap(self, engine: Engine) -> None:
+        """Say (log, status) when the engine runs fewer batches at once than pipeline.in_flight asks."""
+        wanted = self._config.in_flight
+        allowed = slot_limit(engine, wanted)
+        self.in_flight_cap = None
+        if engine.runs_on_gpu and allowed < wanted:
+            self.in_flight_cap = "{} runs at most {} batches at once: pipeline.in_flight {} capped to {}".format(
+                engine.name, engine.max_in_flight, wanted, allowed)
+            log.warning("%s", self.in_flight_cap)
 
     def _retire_unused_engines(self) -> None:
         busy = {id(slot.engine) for slot in self._inflight}

@@ -5,6 +5,12 @@ batch the engine can read in place: one H2D copy per batch on a discrete GPU,
 none at all through the mapped pointer on an integrated one. The buffer comes
 from an allocator so the same ring runs on pinned CUDA memory or plain memory.
 
+Where an engine reads the ring in place (mapped memory: ``memory.device_ptr``
+set), every slot starts on a 256-byte boundary, the alignment TensorRT's
+``setTensorAddress`` requires of a batch's first frame: the slot stride is the
+frame's size rounded up to 256 bytes. Elsewhere slots are packed, so that a batch
+is one dense block (one H2D copy on a discrete GPU, read as is on the CPU).
+
 One writer and one reader. Slots move through three states in order:
 free -> written (reserved, filled, committed) -> taken (in a batch) -> free.
 A full ring refuses the frame; the caller counts it as dropped.
@@ -21,6 +27,7 @@ import numpy as np
 from appliance.ntndarray import FrameMeta
 
 _ALIGNMENT = 4096
+SLOT_ALIGNMENT = 256  # TensorRT's setTensorAddress: device addresses of I/O tensors are 256-byte aligned
 
 
 class HostBuffer:
@@ -46,7 +53,7 @@ class Batch:
     """Consecutive ring slots handed to the engine together."""
 
     start: int
-    frames: np.ndarray  # (n, H, W) view into the ring buffer
+    frames: np.ndarray  # (n, H, W) view into the ring buffer, rows ``FrameRing.slot_nbytes`` apart
     metas: List[FrameMeta]
     arrivals: List[float]  # time.monotonic() when each frame was received
 
@@ -67,14 +74,22 @@ class FrameRing:
         self.frame_shape = tuple(frame_shape)
         self.dtype = np.dtype(dtype)
         self.frame_nbytes = int(np.prod(self.frame_shape)) * self.dtype.itemsize
-        self.memory = allocate(capacity * self.frame_nbytes)
-        self.frames = self.memory.array.view(self.dtype).reshape((capacity,) + self.frame_shape)
+        aligned_nbytes = -(-self.frame_nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+        self.memory = allocate(capacity * aligned_nbytes)
+        # Bytes from one slot to the next: aligned where an engine reads slots in place, packed elsewhere.
+        self.slot_nbytes = aligned_nbytes if self.memory.device_ptr is not None else self.frame_nbytes
+        row_nbytes = self.frame_shape[1] * self.dtype.itemsize
+        self.frames = np.ndarray(
+            (capacity,) + self.frame_shape, self.dtype, buffer=self.memory.array,
+            strides=(self.slot_nbytes, row_nbytes, self.dtype.itemsize),
+        )
         self._metas: List[Optional[FrameMeta]] = [None] * capacity
         self._arrivals = [0.0] * capacity
         # Monotonic counters; slot index = counter % capacity.
         self._written = 0  # committed by ingest
         self._taken = 0  # handed out in batches
         self._freed = 0  # released after the batch completed
+        self._woken = False  # wake() called since the reader's last wait ended
         self._changed = threading.Condition(threading.Lock())
 
     # -- writer side (ingest) -------------------------------------------------
@@ -109,19 +124,26 @@ class FrameRing:
             return self._arrivals[self._taken % self.capacity]
 
     def wait_for_frames(self, count: int, deadline: Optional[float]) -> int:
-        """Block until ``count`` frames wait or ``deadline`` (monotonic) passes; returns how many wait."""
+        """Block until ``count`` frames wait, ``deadline`` (monotonic) passes or :meth:`wake` is called;
+        returns how many wait. A wake that comes while the reader is not waiting ends its next wait at once."""
         with self._changed:
-            while self._written - self._taken < count:
+            while self._written - self._taken < count and not self._woken:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._changed.wait(remaining)
+            self._woken = False
             return self._written - self._taken
 
     def wake(self) -> None:
-        """Interrupt a reader's wait (shutdown, engine swap)."""
+        """End the reader's wait (shutdown, engine swap), or its next one if it is not waiting now."""
         with self._changed:
+            self._woken = True
             self._changed.notify_all()
+
+    def is_dense(self, batch: Batch) -> bool:
+        """Whether ``batch`` is one block of ``batch.size * frame_nbytes`` bytes, the layout an engine reads."""
+        return batch.size == 1 or self.slot_nbytes == self.frame_nbytes
 
     def take(self, max_frames: int) -> Optional[Batch]:
         """Up to ``max_frames`` consecutive waiting frames, stopping at the buffer's end to stay contiguous."""

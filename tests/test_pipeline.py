@@ -1,21 +1,28 @@
-"""The ring and the hot loop in one process, with real ONNX Runtime engines."""
+"""The ring and the hot loop in one process, with real ONNX Runtime engines, and the GPU path's
+loop (CUDA slots, pinned ring) on the FAKE CUDA runtime with a stand-in GPU engine."""
 from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import fake_tensorrt
+from appliance import cuda, pipeline as pipeline_module
 from appliance.config import PipelineConfig
 from appliance.engines import open_engine
+from appliance.engines.base import PHASE, BatchSpec, Engine, EngineError, EngineIO, TensorSpec
+from appliance.gpu_inflight import CudaSlot
+from appliance.inflight import make_slots
 from appliance.ntndarray import FrameMeta
 from appliance.pipeline import Pipeline
 from appliance.ring import FrameRing
 from appliance.telemetry import Telemetry
+from harness import fill
 from onnx_models import affine_model
 
 
@@ -159,3 +166,197 @@ def test_engine_swap_happens_between_batches_and_releases_the_old_engine(tmp_pat
     assert values == [1, 2, 3, 4, -5, -6, -7, -8]
     assert pipeline.engine is negate
     assert old._session is None  # closed after its last batch
+
+
+# -- the GPU path: CUDA slots on the FAKE CUDA runtime ------------------------------------------
+class Deadline:
+    """A gate that opens by itself: a kernel that computes for ``seconds`` after its launch."""
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def is_set(self) -> bool:
+        return time.monotonic() >= self._at
+
+
+class StreamEngine(Engine):
+    """A GPU engine stand-in: phase = 2 * x + 1, queued on the slot's stream as TensorRT's enqueue is.
+
+    It takes its input as TensorRT does, one dense (batch, H, W) block at a 256-byte
+    aligned device address. Kernel k computes for ``compute_s`` or until ``gates[k]``
+    is set; launch k raises when k is in ``refuse``.
+    """
+
+    backend = "stand-in"
+
+    def __init__(self, cudart, size: int = 8, max_batch: int = 4, max_in_flight: Optional[int] = None,
+                 compute_s: float = 0.0, gates: Optional[Dict[int, threading.Event]] = None,
+                 refuse: Tuple[int, ...] = ()) -> None:
+        frame = TensorSpec("x", (size, size), np.dtype(np.float32))
+        phase = TensorSpec("phase", (size, size), np.dtype(np.float32))
+        io = EngineIO(frame, {PHASE: phase}, BatchSpec(False, max_batch))
+        super().__init__("standin.engine", io, "0" * 64)
+        self._cudart, self._size, self._limit = cudart, size, max_in_flight
+        self._compute_s, self._gates, self._refuse = compute_s, gates or {}, refuse
+        self._launches = 0
+        self._launched = threading.Condition()
+        self.seen: List[np.ndarray] = []  # what each kernel read
+
+    @property
+    def runs_on_gpu(self) -> bool:
+        return True
+
+    @property
+    def max_in_flight(self) -> Optional[int]:
+        return self._limit
+
+    def run(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
+        return {PHASE: frames * np.float32(2) + np.float32(1)}
+
+    def enqueue(self, input_ptr: int, output_ptrs: Mapping[str, int], batch: int, stream: int) -> None:
+        with self._launched:
+            index = self._launches
+            self._launches += 1
+            self._launched.notify_all()
+        if index in self._refuse:
+            raise EngineError("stand-in: launch {} refused".format(index))
+        if input_ptr % 256:
+            raise EngineError("stand-in: input address {:#x} is not 256-byte aligned".format(input_ptr))
+        nbytes = batch * self._size * self._size * 4
+        shape = (batch, self._size, self._size)
+        frames = self._cudart.device_view(input_ptr, nbytes).view(np.float32).reshape(shape)
+        phase = self._cudart.device_view(output_ptrs[PHASE], nbytes).view(np.float32).reshape(shape)
+
+        def kernel() -> None:
+            self.seen.append(frames.copy())
+            phase[...] = self.run(frames)[PHASE]
+
+        self._cudart.launch(stream, kernel, self._gates.get(index) or Deadline(self._compute_s))
+
+    def wait_launched(self, count: int) -> None:
+        with self._launched:
+            assert self._launched.wait_for(lambda: self._launches >= count, 10.0), self._launches
+
+
+def gpu_pipeline(engine: Engine, **config) -> Tuple[Pipeline, FrameRing, Sink, Telemetry]:
+    ring = FrameRing(config.pop("ring_capacity", 16), engine.io.image_shape, np.float32, allocate=cuda.PinnedBuffer)
+    telemetry = Telemetry(100)
+    sink = Sink()
+    return Pipeline(PipelineConfig(**config), ring, engine, sink, telemetry), ring, sink, telemetry
+
+
+def phases(sink: Sink) -> List[float]:
+    return [float(images[PHASE][0, 0]) for _, images in sink.results]
+
+
+@pytest.mark.parametrize("integrated", [False, True], ids=["discrete", "integrated"])
+def test_a_finished_batch_is_published_without_waiting_for_another_frame(monkeypatch, integrated):
+    cudart = fake_tensorrt.install_cuda(monkeypatch, integrated=integrated)
+    monkeypatch.setattr(pipeline_module, "_IDLE_TICK_S", 3600.0)  # a loop waiting for frames would sleep an hour
+    engine = StreamEngine(cudart, compute_s=0.003)
+    pipeline, ring, sink, telemetry = gpu_pipeline(engine, max_batch=4, max_wait_ms=1)
+    pipeline.start()
+    push(ring, 1, 5.0)  # a lone frame: no other ever comes
+    assert sink.wait_for(1) == [1]
+    assert phases(sink) == [11.0]
+    assert ring.waiting() == 0 and ring.depth() == 0
+    assert pipeline.stop(5)  # a stop ends the hour-long idle wait at once
+
+
+def test_a_failed_launch_behind_a_batch_in_flight_is_dropped_in_order(monkeypatch):
+    cudart = fake_tensorrt.install_cuda(monkeypatch)
+    first_done = threading.Event()
+    engine = StreamEngine(cudart, max_batch=2, gates={0: first_done}, refuse=(1,))
+    pipeline, ring, sink, telemetry = gpu_pipeline(engine, max_batch=2, max_wait_ms=1, in_flight=2)
+    for uid in range(1, 7):
+        push(ring, uid, uid)
+    pipeline.start()  # batch 1-2 computes; 3-4 fails to launch; 5-6 runs on the slot 3-4 did not get
+    engine.wait_launched(3)
+    first_done.set()
+    assert sink.wait_for(4) == [1, 2, 5, 6]
+    assert pipeline.stop(5)
+    assert pipeline.failure() is None
+    assert telemetry.counters.dropped["engine"] == 2
+    assert "inference of 2 frames (uniqueId 3..4) on standin.engine: EngineError: stand-in: launch 1 refused" in (
+        telemetry.recent_errors[-1])
+    assert phases(sink) == [3.0, 5.0, 11.0, 13.0]
+    assert ring.depth() == 0  # every slot came back, in order
+
+
+def test_slots_are_capped_at_what_the_engine_runs_at_once(monkeypatch, caplog):
+    cudart = fake_tensorrt.install_cuda(monkeypatch)
+    engine = StreamEngine(cudart, max_in_flight=1)
+    pipeline, ring, sink, telemetry = gpu_pipeline(engine, max_batch=4, max_wait_ms=1, in_flight=3)
+    assert len(make_slots(engine, ring, 3)) == 1
+    assert pipeline.in_flight_cap == "standin.engine runs at most 1 batches at once: pipeline.in_flight 3 capped to 1"
+    assert pipeline.in_flight_cap in caplog.text
+    pipeline.start()
+    for uid in range(1, 10):
+        push(ring, uid, uid)
+    assert sink.wait_for(9) == list(range(1, 10))
+    assert pipeline.stop(5)
+    assert telemetry.counters.dropped["engine"] == 0
+    unlimited = StreamEngine(cudart)
+    assert len(make_slots(unlimited, ring, 3)) == 3
+    assert gpu_pipeline(unlimited, in_flight=3)[0].in_flight_cap is None
+
+
+def test_ingest_keeps_running_while_the_pipeline_waits_for_a_batch(monkeypatch):
+    cudart = fake_tensorrt.install_cuda(monkeypatch)
+    ingest_ran = threading.Event()  # the batch computes until ingest has stored frames meanwhile
+    engine = StreamEngine(cudart, max_batch=1, gates={0: ingest_ran})
+    pipeline, ring, sink, telemetry = gpu_pipeline(engine, max_batch=1, max_wait_ms=1, in_flight=1)
+    stored_during_the_wait: List[int] = []
+
+    def ingest() -> None:  # the pvAccess callback's work: reserve, write and commit ring slots
+        engine.wait_launched(1)
+        for uid in (2, 3, 4):
+            push(ring, uid, uid)
+            stored_during_the_wait.append(uid)
+        ingest_ran.set()
+
+    push(ring, 1, 1.0)
+    thread = threading.Thread(target=ingest)
+    pipeline.start()  # one slot: the pipeline launches frame 1, then waits for it
+    thread.start()
+    assert sink.wait_for(4) == [1, 2, 3, 4]
+    thread.join()
+    assert pipeline.stop(5)
+    assert stored_during_the_wait == [2, 3, 4]
+    assert telemetry.counters.dropped["engine"] == 0  # the wait for frame 1 ended with its result
+
+
+def test_ring_slots_on_mapped_memory_start_on_256_byte_boundaries(monkeypatch):
+    fake_tensorrt.install_cuda(monkeypatch, integrated=True)
+    ring = FrameRing(8, (100, 100), np.float32, allocate=cuda.PinnedBuffer)  # 40000-byte frames
+    assert ring.memory.device_ptr is not None
+    for index in range(ring.capacity):
+        host = ring.frames[index].ctypes.data
+        device = ring.memory.device_ptr + (host - ring.memory.host_ptr)
+        assert host % 256 == 0 and device % 256 == 0, index
+    assert ring.frames[3].flags.c_contiguous  # ingest writes each slot as one image
+    ring.close()
+    packed = FrameRing(8, (100, 100), np.float32)  # plain memory: no engine reads it in place
+    assert packed.frames.flags.c_contiguous  # a batch is one block, as ONNX Runtime reads it
+
+
+@pytest.mark.parametrize("integrated", [False, True], ids=["discrete", "integrated"])
+def test_a_batch_from_any_slot_of_an_aligned_ring_runs_correctly(monkeypatch, integrated):
+    cudart = fake_tensorrt.install_cuda(monkeypatch, integrated=integrated)
+    engine = StreamEngine(cudart, size=100, max_batch=5)
+    ring = FrameRing(12, (100, 100), np.float32, allocate=cuda.PinnedBuffer)
+    slot = CudaSlot(engine, ring)
+    data = fill(ring, 10)
+    before = ring.frames.copy()
+    for start, size in ((0, 3), (3, 1), (4, 5)):  # batches starting at slots 0, 3 and 4
+        batch = ring.take(size)
+        assert batch.start == start and batch.frames.shape == (size, 100, 100)
+        slot.launch(engine, batch)
+        slot.wait()
+        np.testing.assert_array_equal(engine.seen[-1], data[start : start + size])
+        np.testing.assert_allclose(slot.outputs()[PHASE], data[start : start + size] * 2 + 1)
+        ring.release(batch)
+    np.testing.assert_array_equal(ring.frames, before)  # read in place or copied, never written
+    slot.close()
+    ring.close()
+    assert cudart.live_allocations() == (0, 0)

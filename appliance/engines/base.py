@@ -118,6 +118,16 @@ class Engine(abc.ABC):
     def runs_on_gpu(self) -> bool:
         return False
 
+    @property
+    def max_in_flight(self) -> Optional[int]:
+        """How many batches the engine can run at once (None: no limit).
+
+        The pipeline makes no more in-flight slots than this: e.g. a dynamic-batch
+        TensorRT engine's optimization-profile count, since every slot's execution
+        context holds a profile of its own.
+        """
+        return None
+
     def close(self) -> None:
         """Release what the backend holds; the engine is not used afterwards."""
 

@@ -10,6 +10,13 @@ behaves like a GPU where it matters for correctness:
 - work queued on a stream runs later, not at the call: only event queries,
   event/stream synchronization make it progress, and a query that finds work
   pending returns ``cudaErrorNotReady`` (so "done" can never be assumed);
+- work can be given a gate (:func:`launch`): it stands for a kernel still
+  computing until the gate opens, however often the stream is asked;
+- ``cudaEventSynchronize`` holds the GIL while it waits, as cuda-python 11.8 and
+  12.x call it (no ``nogil``): no other Python thread runs meanwhile. Stream and
+  device synchronization release it, as those bindings do;
+- allocations are aligned as CUDA's are (at least 256 bytes; pinned host memory
+  by the page);
 - bounds are checked on every copy and kernel access.
 
 Each install loads this file as a fresh module, so its state is per test.
@@ -17,6 +24,7 @@ Each install loads this file as a fresh module, so its state is per test.
 import collections
 import ctypes
 import enum
+import time
 
 import numpy as np
 
@@ -31,6 +39,7 @@ class cudaError_t(enum.IntEnum):
     cudaErrorNoDevice = 100
     cudaErrorInvalidResourceHandle = 400
     cudaErrorNotReady = 600
+    cudaErrorLaunchTimeout = 702
 
 
 class cudaMemcpyKind(enum.IntEnum):
@@ -56,6 +65,12 @@ cudaDeviceMapHost = 8
 
 OK = cudaError_t.cudaSuccess
 DEVICE_BASE = 0x4000_0000_0000_0000  # non-canonical on x86-64 and aarch64: dereferencing it faults
+PAGE = 4096  # cudaHostAlloc hands out whole pages
+# How long a wait may find its work gated before it gives up with cudaErrorLaunchTimeout. With the
+# GIL held (cudaEventSynchronize) a gate that a Python thread opens cannot open: a real GPU would
+# finish, the fake reports the starved thread instead of hanging the test.
+GATE_LIMIT_S = 2.0
+_HOLDING_GIL = ctypes.PyDLL(None)  # calls through it keep the GIL, as a binding without nogil does
 
 # What the fake GPU is; tests change these through fake_tensorrt.FakeGpu.
 device = {"name": "Fake GPU", "major": 8, "minor": 6, "integrated": False, "count": 1}
@@ -98,7 +113,7 @@ class _Event:
 
 
 _device_regions = []  # [base, size, backing uint8 array]
-_host_allocs = {}  # host ptr -> (ctypes buffer, mapped)
+_host_allocs = {}  # host ptr -> _HostAlloc
 _next_device = [DEVICE_BASE]
 _streams = {0: collections.deque()}
 _events = {}
@@ -164,41 +179,47 @@ def cudaFree(ptr):
     return (cudaError_t.cudaErrorInvalidDevicePointer,)
 
 
+class _HostAlloc:
+    """Pinned host memory: a page-aligned window of a ctypes buffer, and whether it is mapped."""
+
+    def __init__(self, nbytes, mapped):
+        self.raw = (ctypes.c_uint8 * (nbytes + PAGE))()
+        self.ptr = -(-ctypes.addressof(self.raw) // PAGE) * PAGE
+        self.backing = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(self.ptr))
+        self.mapped = mapped
+
+
 def cudaHostAlloc(nbytes, flags):
     error = _fail("cudaHostAlloc")
     if error:
         return error, 0
-    buffer = (ctypes.c_uint8 * int(nbytes))()
-    ptr = ctypes.addressof(buffer)
-    _host_allocs[ptr] = (buffer, bool(flags & cudaHostAllocMapped))
+    alloc = _HostAlloc(int(nbytes), bool(flags & cudaHostAllocMapped))
+    _host_allocs[alloc.ptr] = alloc
     _state["context_active"] = True
-    return OK, ptr
+    return OK, alloc.ptr
 
 
 def cudaHostGetDevicePointer(host_ptr, flags):
-    entry = _host_allocs.get(int(host_ptr))
-    if entry is None or not entry[1]:
+    alloc = _host_allocs.get(int(host_ptr))
+    if alloc is None or not alloc.mapped:
         return cudaError_t.cudaErrorInvalidValue, 0
-    buffer = entry[0]
-    backing = np.ctypeslib.as_array(buffer)
     for base, size, existing in _device_regions:
-        if existing is not None and existing.ctypes.data == backing.ctypes.data and size == len(backing):
+        if existing is alloc.backing:
             return OK, base
-    return OK, _allocate_device(len(backing), backing)
+    return OK, _allocate_device(len(alloc.backing), alloc.backing)
 
 
 def cudaFreeHost(ptr):
-    entry = _host_allocs.pop(int(ptr), None)
-    if entry is None:
+    alloc = _host_allocs.pop(int(ptr), None)
+    if alloc is None:
         return (cudaError_t.cudaErrorInvalidValue,)
-    address = ctypes.addressof(entry[0])
-    _device_regions[:] = [r for r in _device_regions if r[2].ctypes.data != address]
+    _device_regions[:] = [r for r in _device_regions if r[2] is not alloc.backing]
     return (OK,)
 
 
 def live_allocations():
     """(device allocations, pinned host allocations) still held: for leak checks."""
-    aliases = sum(1 for r in _device_regions if any(r[2].ctypes.data == ctypes.addressof(b) for b, _ in _host_allocs.values()))
+    aliases = sum(1 for r in _device_regions if any(r[2] is a.backing for a in _host_allocs.values()))
     return len(_device_regions) - aliases, len(_host_allocs)
 
 
@@ -214,41 +235,71 @@ def cudaStreamDestroy(stream):
     if queue is None:
         return (cudaError_t.cudaErrorInvalidResourceHandle,)
     while queue:
-        queue.popleft()()
+        queue.popleft().run()
     return (OK,)
+
+
+class _Work:
+    """One operation queued on a stream; ``gate`` (anything with ``is_set()``) holds it back."""
+
+    def __init__(self, run, gate=None):
+        self.run = run
+        self.gate = gate
+
+    def ready(self):
+        return self.gate is None or self.gate.is_set()
 
 
 def _queue(stream):
     return _streams.get(int(stream) if stream is not None else 0)
 
 
-def launch(stream, work):
-    """Queue ``work`` (a callable) on ``stream`` as a kernel would be: it runs when the stream progresses."""
+def launch(stream, work, gate=None):
+    """Queue ``work`` (a callable) on ``stream`` as a kernel would be: it runs when the stream progresses.
+
+    With a ``gate`` (a threading.Event, or any object with ``is_set()``) the kernel
+    is still computing until the gate opens: queries answer cudaErrorNotReady and
+    synchronization waits (see :data:`GATE_LIMIT_S`).
+    """
     queue = _queue(stream)
     if queue is None:
         raise ValueError("fake CUDA: unknown stream {}".format(int(stream)))
-    queue.append(work)
+    queue.append(_Work(work, gate))
 
 
 def _step(queue):
+    """Run the next operation on ``queue`` if its gate is open; False when it is still computing."""
+    if not queue[0].ready():
+        return False
     work = queue.popleft()
     _clock_ms[0] += 0.01
-    work()
+    work.run()
+    return True
+
+
+def _wait_releasing_gil(queue, finished):
+    """Run ``queue`` until ``finished()``, sleeping (without the GIL) while its head is gated."""
+    limit = time.monotonic() + GATE_LIMIT_S
+    while not finished():
+        if not _step(queue):
+            if time.monotonic() > limit:
+                return (cudaError_t.cudaErrorLaunchTimeout,)
+            time.sleep(0.0001)
+    return (OK,)
 
 
 def cudaStreamSynchronize(stream):
     queue = _queue(stream)
     if queue is None:
         return (cudaError_t.cudaErrorInvalidResourceHandle,)
-    while queue:
-        _step(queue)
-    return (OK,)
+    return _wait_releasing_gil(queue, lambda: not queue)
 
 
 def cudaDeviceSynchronize():
-    for queue in _streams.values():
-        while queue:
-            _step(queue)
+    for queue in list(_streams.values()):
+        result = _wait_releasing_gil(queue, lambda: not queue)
+        if result[0] != OK:
+            return result
     return (OK,)
 
 
@@ -274,7 +325,7 @@ def cudaEventRecord(event, stream):
         state.completed = token
         state.time_ms = _clock_ms[0]
 
-    queue.append(complete)
+    queue.append(_Work(complete))
     return (OK,)
 
 
@@ -289,11 +340,15 @@ def cudaEventQuery(event):
 
 
 def cudaEventSynchronize(event):
+    """Waits as cuda-python 11.8 and 12.x do: in one C call that keeps the GIL."""
     state = _events.get(int(event))
     if state is None:
         return (cudaError_t.cudaErrorInvalidResourceHandle,)
     while state.token is not None and state.completed != state.token:
-        _step(state.stream)
+        if not _step(state.stream):
+            _HOLDING_GIL.usleep(int(GATE_LIMIT_S * 1e6))  # no Python thread runs meanwhile
+            if not state.stream[0].ready():
+                return (cudaError_t.cudaErrorLaunchTimeout,)
     return (OK,)
 
 
@@ -323,7 +378,7 @@ def cudaMemcpyAsync(dst, src, nbytes, kind, stream):
     queue = _queue(stream)
     if queue is None:
         return (cudaError_t.cudaErrorInvalidResourceHandle,)
-    queue.append(lambda: np.copyto(target, source))
+    queue.append(_Work(lambda: np.copyto(target, source)))
     return (OK,)
 
 
@@ -332,7 +387,7 @@ def cudaMemsetAsync(dst, value, nbytes, stream):
     queue = _queue(stream)
     if target is None or queue is None:
         return (cudaError_t.cudaErrorInvalidValue,)
-    queue.append(lambda: target.fill(value))
+    queue.append(_Work(lambda: target.fill(value)))
     return (OK,)
 
 

@@ -88,26 +88,27 @@ def test_mapped_pinned_memory_is_read_in_place():
         np.testing.assert_allclose(device_to_numpy(outputs[role].ptr, data.shape), values, rtol=1e-6)
 
 
+@pytest.mark.parametrize("size", [SIZE, 100], ids=["packed", "aligned-slots"])  # 100x100 float32: padded slots
 @pytest.mark.parametrize("mapped", [False, True], ids=["h2d-copy", "zero-copy"])
 @pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed"])
-def test_slot_results_match_the_transform_exactly(mapped, fixed):
-    ring = FrameRing(24, (SIZE, SIZE), np.float32, allocate=pinned(mapped))
-    engine = NvrtcEngine(batch=BatchSpec(fixed, 8))
+def test_slot_results_match_the_transform_exactly(mapped, fixed, size):
+    ring = FrameRing(24, (size, size), np.float32, allocate=pinned(mapped))
+    engine = NvrtcEngine(size=size, batch=BatchSpec(fixed, 8))
     slot = CudaSlot(engine, ring)
     data = fill(ring, 21)
     before = ring.frames.copy()
-    for start, size in ((0, 8), (8, 8), (16, 5)):
+    for start, count in ((0, 8), (8, 8), (16, 5)):
         batch = ring.take(8)
-        assert batch.size == size
+        assert batch.size == count
         slot.launch(engine, batch)
         slot.wait()
         outputs = slot.outputs()
-        for role, values in engine.expected(data[start : start + size]).items():
-            assert outputs[role].shape == (size, SIZE, SIZE)
+        for role, values in engine.expected(data[start : start + count]).items():
+            assert outputs[role].shape == (count, size, size)
             np.testing.assert_allclose(outputs[role], values, rtol=1e-6)
         ring.release(batch)
     if fixed:  # the padded frames the engine saw were zeros
-        padded = device_to_numpy(slot._outputs[PHASE].device.ptr, (8, SIZE, SIZE))[5:]
+        padded = device_to_numpy(slot._outputs[PHASE].device.ptr, (8, size, size))[5:]
         assert (padded == engine.offset).all()
     np.testing.assert_array_equal(ring.frames, before)  # read in place or copied, never written
     slot.close()
