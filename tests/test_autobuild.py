@@ -21,6 +21,7 @@ import pytest
 
 import fake_tensorrt
 from appliance.config import EngineConfig
+from appliance.engines import tensorrt as tensorrt_backend
 from appliance.engines.autobuild import BuildSettings, EngineBuilds
 from appliance.engines.base import PHASE, Engine, file_sha256, run_padded
 from appliance.hotswap import EngineManager, StreamSpec
@@ -248,6 +249,22 @@ def test_the_cache_keeps_the_newest_engines_and_drops_what_a_killed_build_left(t
     engines = sorted(p for p in os.listdir(setup.cache) if p.endswith(".engine"))
     assert [name[0] for name in engines] == ["b", "c"]
     assert sorted(os.listdir(setup.cache)) == sorted(e + suffix for e in engines for suffix in ("", ".yaml", ".log"))
+
+
+def test_each_jetson_board_gets_its_own_engines_though_boards_share_a_gpu_model(tmp_path, monkeypatch):
+    model = tmp_path / "device-tree-model"
+    monkeypatch.setattr(tensorrt_backend, "DEVICE_TREE_MODEL", str(model))
+    engines = {}
+    for board in ("NVIDIA Jetson AGX Xavier Developer Kit", "NVIDIA Jetson Xavier NX Developer Kit"):
+        model.write_bytes(board.encode() + b"\0")
+        builds = EngineBuilds(str(tmp_path / "cache"), BuildSettings("fp16", 8, 2, "8.5.2.2", "Xavier sm72"))
+        engines[board] = os.path.basename(builds.engine_path("/engines/m.onnx", "0123456789abcdef"))
+    assert engines == {
+        "NVIDIA Jetson AGX Xavier Developer Kit":
+            "m-0123456789abcdef-fp16-b8x2-trt8.5.2.2-Xavier_sm72-NVIDIA_Jetson_AGX_Xavier_Developer_Kit.engine",
+        "NVIDIA Jetson Xavier NX Developer Kit":
+            "m-0123456789abcdef-fp16-b8x2-trt8.5.2.2-Xavier_sm72-NVIDIA_Jetson_Xavier_NX_Developer_Kit.engine",
+    }
 
 
 def test_the_appliance_streams_on_through_the_swap_to_the_built_engine(trt_device, tmp_path, appliance_env):

@@ -2,12 +2,17 @@
 
 ``tests/fake_tensorrt`` stands in for TensorRT (8.5 and 10.x APIs) and for
 cuda-python on machines without a GPU: work is queued on fake streams and only
-runs when an event is waited on, device memory is not host-addressable, and
-engines only load on the version and GPU that built them.
+runs when an event is waited on, device memory is not host-addressable,
+engines only load on the version and GPU that built them, TensorRT keeps the
+process's first logger, plugin layers need the plugins registered, and a
+Jetson's DLA cores run fixed-batch plans built for them.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -22,8 +27,9 @@ from appliance import cuda
 from appliance.config import EngineConfig
 from appliance.engines import open_engine
 from appliance.engines.base import BatchSpec, EngineError, file_sha256
+from appliance.engines import tensorrt as tensorrt_backend
 from appliance.engines.build import BuildError, BuildOptions, add_arguments, build_engine, main
-from appliance.engines.manifest import load_manifest
+from appliance.engines.manifest import DlaPlan, load_manifest
 from appliance.engines.tensorrt import TensorRtEngine, choose_backend
 from appliance.hotswap import validate
 from appliance.gpu_inflight import CudaSlot
@@ -41,6 +47,23 @@ SCALES = {"phase": (2.0, 1.0), "amplitude": (0.5, 0.0)}
 def gpu(request, monkeypatch):
     cudart = fake_tensorrt.install_cuda(monkeypatch)
     return SimpleNamespace(cudart=cudart, trt=fake_tensorrt.install_tensorrt(monkeypatch, cudart, request.param))
+
+
+@pytest.fixture
+def xavier(monkeypatch):
+    """A fake Jetson AGX Xavier: an integrated sm72 GPU and two DLA cores, TensorRT 8.5."""
+    cudart = fake_tensorrt.install_cuda(monkeypatch, name="Xavier", integrated=True, compute=(7, 2))
+    return SimpleNamespace(cudart=cudart, trt=fake_tensorrt.install_tensorrt(monkeypatch, cudart, dla_cores=2))
+
+
+@pytest.fixture
+def board(tmp_path, monkeypatch):
+    """This machine's device tree names it a Jetson AGX Xavier (as /proc/device-tree/model does, NUL-terminated)."""
+    name = "NVIDIA Jetson AGX Xavier Developer Kit"
+    model = tmp_path / "device-tree-model"
+    model.write_bytes(name.encode() + b"\0")
+    monkeypatch.setattr(tensorrt_backend, "DEVICE_TREE_MODEL", str(model))
+    return name
 
 
 @pytest.fixture(params=[False, True], ids=["discrete", "integrated"])
@@ -81,7 +104,7 @@ def test_dynamic_batch_engine_is_read_from_the_file_and_runs_in_chunks(gpu, tmp_
     for role in SCALES:
         np.testing.assert_allclose(results[role], expected(frames, role), rtol=1e-6)
     executions = engine._engine.executions
-    assert [batch for batch, _ in executions] == [6, 5]
+    assert [batch for batch, _ in executions] == [6, 6, 6, 5]  # a warm-up per context (one per profile), then 11
     engine.close()
     assert gpu.cudart.live_allocations() == (0, 0)
 
@@ -167,6 +190,86 @@ def test_without_tensorrt_or_cuda_the_reason_is_given(monkeypatch, tmp_path):
     fake_tensorrt.remove_cuda(monkeypatch)
     with pytest.raises(EngineError, match="need a CUDA device: cuda-python is not installed"):
         open_engine(str(tmp_path / "m.engine"))
+
+
+# -- one TensorRT per process, and engines built elsewhere ----------------------------------
+def test_each_rejection_has_tensorrts_reason_though_tensorrt_keeps_only_the_first_logger(gpu, tmp_path):
+    good = open_engine(affine_engine(tmp_path / "good.engine", gpu.trt))
+    old = affine_engine(tmp_path / "old.engine", gpu.trt, version="8.6.1.6")
+    with pytest.raises(EngineError, match="Version tag does not match"):
+        open_engine(old)
+    good.close()
+    del good
+    gc.collect()  # the first engine loaded is gone: the logger TensorRT kept must not have gone with it
+    with pytest.raises(EngineError, match="Version tag does not match"):
+        open_engine(old)
+
+
+def test_plugins_are_registered_once_per_process_before_an_engine_with_plugin_layers_loads(gpu, tmp_path):
+    with_plugin = affine_engine(tmp_path / "p.engine", gpu.trt, plugins=["ScatterND_TRT"])
+    engines = [open_engine(with_plugin) for _ in range(2)]
+    build(tmp_path, affine_model(str(tmp_path / "m.onnx"), size=SIZE))
+    np.testing.assert_allclose(engines[1].run(np.ones((1, SIZE, SIZE), np.float32))["phase"], 3.0)
+    assert gpu.trt.counters["init_libnvinfer_plugins"] == 1
+
+
+@pytest.mark.parametrize("key, built_for, reason", [
+    ("device_model", "NVIDIA Jetson Xavier NX Developer Kit",
+     r"device NVIDIA Jetson Xavier NX Developer Kit \(here: NVIDIA Jetson AGX Xavier Developer Kit\)"),
+    ("tensorrt", "8.6.1.6", r"TensorRT 8\.6\.1\.6 \(here: {version}\)"),
+    ("compute_capability", "7.2", r"compute capability 7\.2 \(here: 8\.6\)"),
+], ids=["board", "tensorrt", "compute"])
+def test_an_engine_whose_manifest_says_it_was_built_elsewhere_is_refused_before_deserializing(
+        gpu, tmp_path, board, key, built_for, reason):
+    path = affine_engine(tmp_path / "m.engine", gpu.trt)  # TensorRT itself would load it: the sm is the same
+    here = {"tensorrt": gpu.trt.__version__, "compute_capability": "8.6", "device_model": board}
+    with open(path + ".yaml", "w") as handle:
+        yaml.safe_dump({"build": here}, handle)
+    open_engine(path).close()
+    with open(path + ".yaml", "w") as handle:
+        yaml.safe_dump({"build": dict(here, **{key: built_for})}, handle)
+    deserialized = gpu.trt.counters["deserialize_cuda_engine"]
+    with pytest.raises(EngineError, match=reason.format(version=gpu.trt.__version__.replace(".", r"\."))) as raised:
+        open_engine(path)
+    assert "rebuild it from the ONNX here" in str(raised.value)
+    assert gpu.trt.counters["deserialize_cuda_engine"] == deserialized
+
+
+# -- serving contexts -----------------------------------------------------------------------
+@pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed"])
+def test_serving_contexts_are_ready_at_load_so_a_first_batch_creates_and_allocates_nothing(any_gpu, tmp_path, fixed):
+    path = affine_engine(tmp_path / "m.engine", any_gpu.trt, batch=8 if fixed else -1,
+                         outputs=("phase", "amplitude", "94"))  # "94" has no role: it needs scratch memory
+    engine = open_engine(path)
+    ring = FrameRing(16, (SIZE, SIZE), np.float32, allocate=cuda.PinnedBuffer)
+    slots = [CudaSlot(engine, ring) for _ in range(2)]
+    data = fill(ring, 8)
+    contexts = any_gpu.trt.counters["create_execution_context"]
+    allocations = any_gpu.cudart.calls["cudaMalloc"]
+    for slot in slots:  # each on its own stream, used for the first time
+        slot.launch(engine, ring.take(4))
+    for slot in slots:
+        slot.wait()
+    assert any_gpu.trt.counters["create_execution_context"] == contexts
+    assert any_gpu.cudart.calls["cudaMalloc"] == allocations
+    for index, slot in enumerate(slots):
+        np.testing.assert_allclose(slot.outputs()["phase"], expected(data[4 * index : 4 * index + 4], "phase"))
+
+
+def test_max_in_flight_counts_the_serving_contexts(gpu, tmp_path):
+    assert open_engine(affine_engine(tmp_path / "d.engine", gpu.trt, profiles=3)).max_in_flight == 3
+    fixed = affine_engine(tmp_path / "f.engine", gpu.trt, batch=8)
+    assert open_engine(fixed).max_in_flight == tensorrt_backend.GPU_CONTEXTS
+    engine = TensorRtEngine(fixed, file_sha256(fixed), None, 8, gpu_contexts=3)
+    assert engine.max_in_flight == 3 and engine.devices == ["GPU"] * 3
+    streams = [cuda.Stream() for _ in range(4)]
+    device_in = cuda.DeviceBuffer(8 * SIZE * SIZE * 4)
+    outputs = {role: cuda.DeviceBuffer(8 * SIZE * SIZE * 4) for role in SCALES}
+    for stream in streams[:3]:
+        engine.enqueue(device_in.ptr, {r: b.ptr for r, b in outputs.items()}, 8, stream.handle)
+    with pytest.raises(EngineError, match=r"all 3 execution contexts \(GPU, GPU, GPU\) are in use: lower "
+                                          r"pipeline.in_flight to 3"):
+        engine.enqueue(device_in.ptr, {r: b.ptr for r, b in outputs.items()}, 8, streams[3].handle)
 
 
 # -- backend choice ------------------------------------------------------------------------------
@@ -365,6 +468,52 @@ def test_int8_needs_frames_a_cache_or_qdq_nodes(gpu, tmp_path):
     assert load_manifest(engine.path).build["int8_scales"] == "Q/DQ nodes in the model"
 
 
+def test_an_int8_calibration_cache_serves_only_the_model_and_frames_it_was_made_from(gpu, tmp_path):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
+    first, second = str(tmp_path / "first.npy"), str(tmp_path / "second.npy")
+    np.save(first, np.full((16, SIZE, SIZE), 7, np.uint16))
+    np.save(second, np.full((16, SIZE, SIZE), 9, np.uint16))
+    log = gpu.trt.calibration_log
+    build(tmp_path, onnx, precision="int8", calibration=first)
+    assert log[-1]["amax"] == 7.0 and not log[-1]["from_cache"]
+    build(tmp_path, onnx, precision="int8", calibration=first)
+    assert log[-1] == {"from_cache": True}  # the same model and frames: the cache has their scales
+    build(tmp_path, onnx, precision="int8", calibration=second)
+    assert log[-1]["amax"] == 9.0 and not log[-1]["from_cache"]  # new frames are calibrated on
+    build(tmp_path, onnx, precision="int8")
+    assert log[-1] == {"from_cache": True}
+    affine_model(onnx, size=SIZE, scale=3.0)  # retrained: other activations, other scales
+    with pytest.raises(BuildError, match=r"the calibration cache .*m\.engine\.calib holds scales for model sha256 "
+                                         r"[0-9a-f]{64}, not for .*m\.onnx \(sha256 [0-9a-f]{64}\): give "
+                                         r"--calibration frames"):
+        build(tmp_path, onnx, precision="int8")
+
+
+def test_int8_calibration_feeds_the_frames_in_the_engines_input_dtype(gpu, tmp_path):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
+    raw = np.random.default_rng(5).integers(0, 1000, (16, SIZE, SIZE)).astype(np.uint16)
+    np.save(str(tmp_path / "f.npy"), raw)
+    build(tmp_path, onnx, precision="int8", input_dtype="float16", calibration=str(tmp_path / "f.npy"))
+    assert gpu.trt.calibration_log[-1]["amax"] == float(raw.max())
+
+
+def test_a_failure_inside_calibration_fails_the_build_though_tensorrt_swallows_it(gpu, tmp_path, monkeypatch):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
+    np.save(str(tmp_path / "f.npy"), np.ones((32, SIZE, SIZE), np.uint16))
+    copy, copies = cuda.copy_host_to_device, itertools.count()
+
+    def second_copy_fails(*args):
+        if next(copies) == 1:
+            raise cuda.CudaError("cudaMemcpyAsync(host->device, 8192 bytes): cudaErrorIllegalAddress (injected)")
+        return copy(*args)
+
+    monkeypatch.setattr(cuda, "copy_host_to_device", second_copy_fails)
+    with pytest.raises(BuildError, match=r"INT8 calibration failed reading batch 2 of .*f\.npy: CudaError: "
+                                         r"cudaMemcpyAsync.*\(injected\); no engine was written"):
+        build(tmp_path, onnx, precision="int8", calibration=str(tmp_path / "f.npy"))
+    assert not os.path.exists(str(tmp_path / "out" / "m.engine"))
+
+
 def test_calibration_frames_must_preprocess_to_the_model_input(gpu, tmp_path):
     onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
     np.save(str(tmp_path / "f.npy"), np.zeros((16, 20, 20), np.uint16))
@@ -395,6 +544,82 @@ def test_build_script_is_a_thin_wrapper():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_engine.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--calibration" in result.stdout and "--profiles" in result.stdout
+
+
+# -- a Jetson's DLA cores -------------------------------------------------------------------
+def test_build_engine_with_a_dla_core_writes_the_dla_plan_beside_the_gpu_engine(xavier, tmp_path, board):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=8, scale=2.0, offset=1.0)
+    path = build(tmp_path, onnx, dla_core=1, gpu_fallback=True)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["m.engine", "m.engine.dla", "m.engine.yaml"]
+    manifest = load_manifest(path)
+    assert manifest.dla == DlaPlan("m.engine.dla", file_sha256(path + ".dla"), core=1, gpu_fallback=True)
+    assert manifest.build["device_model"] == board and manifest.build["compute_capability"] == "7.2"
+    engine = TensorRtEngine(path, file_sha256(path), manifest, 8, dla_cores=(1,))
+    plan = engine._dla_engines[1]
+    assert plan.dla_core == 1 and plan.description["dla_core"] == 1 and plan.description["gpu_fallback"] is True
+    assert plan.description["precision"] == ["FP16", "GPU_FALLBACK"]
+    assert "dla_core" not in engine._engine.description  # the engine itself is the GPU's
+
+
+def test_a_fixed_batch_model_serves_on_the_gpu_and_both_dla_cores_at_once(xavier, tmp_path):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=8, scale=2.0, offset=1.0)
+    path = build(tmp_path, onnx, dla_core=0)
+    engine = TensorRtEngine(path, file_sha256(path), load_manifest(path), 8, dla_cores=(0, 1))
+    assert engine.max_in_flight == 4 and engine.devices == ["GPU", "GPU", "DLA 0", "DLA 1"]
+    assert {core: plan.dla_core for core, plan in engine._dla_engines.items()} == {0: 0, 1: 1}
+    assert engine.describe().endswith("; on GPU, GPU, DLA 0, DLA 1")
+    ring = FrameRing(32, (SIZE, SIZE), np.float32, allocate=cuda.PinnedBuffer)
+    slots = make_slots(engine, ring, 4)
+    data = fill(ring, 32)
+    for slot in slots:
+        slot.launch(engine, ring.take(8))
+    for slot in slots:
+        slot.wait()
+    for index, slot in enumerate(slots):
+        np.testing.assert_allclose(slot.outputs()["phase"], data[8 * index : 8 * index + 8] * 2 + 1, rtol=1e-6)
+    plans = [engine._engine] + [engine._dla_engines[core] for core in (0, 1)]
+    assert [len(plan.executions) for plan in plans] == [2 + 2, 1 + 1, 1 + 1]  # warm-ups at load, then a batch each
+
+
+def test_dla_cores_the_device_lacks_and_a_changed_dla_plan_are_refused_with_the_reason(xavier, tmp_path):
+    path = build(tmp_path, affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=8), dla_core=0)
+    manifest = load_manifest(path)
+    with pytest.raises(EngineError, match=r"engine.dla_cores has DLA core 2, but this device has 2 DLA core\(s\)"):
+        TensorRtEngine(path, file_sha256(path), manifest, 8, dla_cores=(0, 2))
+    with open(path + ".dla", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(EngineError, match=r"its DLA plan .*m\.engine\.dla has sha256 [0-9a-f]{64} but the manifest "
+                                          r"says " + manifest.dla.sha256):
+        TensorRtEngine(path, file_sha256(path), manifest, 8, dla_cores=(0,))
+    assert xavier.cudart.live_allocations() == (0, 0)
+
+
+def test_an_engine_without_a_dla_plan_serves_on_the_gpu_alone_and_says_so(xavier, tmp_path, caplog):
+    path = build(tmp_path, affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=8))
+    with caplog.at_level(logging.WARNING):
+        engine = TensorRtEngine(path, file_sha256(path), load_manifest(path), 8, dla_cores=(0, 1))
+    assert engine.devices == ["GPU", "GPU"]
+    assert "m.engine has no DLA plan (build it with build-engine --dla-core N)" in caplog.text
+
+
+@pytest.mark.parametrize("batch, options, message", [
+    ("batch", {"dla_core": 0}, "dynamic batch axis; a DLA core runs a fixed batch only"),
+    (8, {"dla_core": 2}, r"--dla-core 2: this device has 2 DLA core\(s\) \(0\.\.1\)"),
+    (8, {"dla_core": 0, "precision": "fp32"}, "precision fp32 on a DLA core; the DLA runs fp16 or int8"),
+    (8, {"gpu_fallback": True}, "--gpu-fallback without --dla-core"),
+], ids=["dynamic", "no-such-core", "fp32", "fallback-alone"])
+def test_dla_builds_that_cannot_work_are_refused_before_building(xavier, tmp_path, batch, options, message):
+    with pytest.raises(BuildError, match=message):
+        build(tmp_path, affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=batch), **options)
+
+
+def test_layers_the_dla_cannot_run_need_gpu_fallback(xavier, tmp_path):
+    from onnx import TensorProto
+
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=8, input_type=TensorProto.FLOAT16)  # a Cast
+    with pytest.raises(BuildError, match="is not supported on DLA and GPU fallback is not enabled"):
+        build(tmp_path, onnx, dla_core=0)
+    assert load_manifest(build(tmp_path, onnx, dla_core=0, gpu_fallback=True)).dla.gpu_fallback
 
 
 def _qdq_model(path):

@@ -6,9 +6,10 @@ at the lowest CPU priority builds its engine, which takes minutes on a Jetson. T
 engine manager then validates the result and swaps it in like any other file.
 
 Results are cached by the ONNX file's content key (model and manifest), the build
-settings, the TensorRT version and the GPU, so a restart or a redeploy of the same
-model costs nothing, and a JetPack upgrade, another GPU or a new batch setting
-builds afresh. One build runs at a time: the device's memory and cores belong to
+settings, the TensorRT version, the GPU and, on a Jetson, the board, so a restart
+or a redeploy of the same model costs nothing, and a JetPack upgrade, another GPU
+or board (a Xavier NX's card moved to an AGX Xavier: the same sm72) or a new batch
+setting builds afresh. One build runs at a time: the device's memory and cores belong to
 the live stream, and a build is the first thing the kernel may kill for memory.
 A build that fails, or whose engine is rejected, is not tried again for the same
 content until a rescan.
@@ -24,8 +25,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from appliance.engines.tensorrt import board_model
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,11 @@ class BuildSettings:
     profiles: int  # pipeline.in_flight: one optimization profile per in-flight slot
     tensorrt_version: str
     gpu: str  # name and compute capability: engines run only on the GPU model that built them
+    board: str = field(default_factory=lambda: board_model() or "")  # a Jetson's; "" elsewhere
 
     def suffix(self) -> str:
-        gpu = re.sub(r"[^A-Za-z0-9.]+", "_", self.gpu).strip("_")
-        return "{}-b{}x{}-trt{}-{}".format(self.precision, self.max_batch, self.profiles, self.tensorrt_version, gpu)
+        device = "-".join(_name_part(part) for part in (self.gpu, self.board) if part)
+        return "{}-b{}x{}-trt{}-{}".format(self.precision, self.max_batch, self.profiles, self.tensorrt_version, device)
 
 
 @dataclass
@@ -212,11 +216,16 @@ class EngineBuilds:
                 _remove(os.path.join(self.directory, name))
 
     def _remove_build_files(self, engine: str) -> None:
-        for suffix in ("", ".yaml", ".log", ".calib"):
+        for suffix in ("", ".yaml", ".log", ".calib", ".calib.key"):
             _remove(engine + suffix)
 
     def _names(self) -> List[str]:
         return [name for name in os.listdir(self.directory) if ".engine" in name]
+
+
+def _name_part(text: str) -> str:
+    """``text`` as part of a file name: runs of anything but letters, digits and dots become one '_'."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
 def _remove(path: str) -> None:

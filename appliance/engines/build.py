@@ -10,33 +10,43 @@ engines directory watcher never sees half an engine.
 Precision: ``fp16``; or ``int8``, calibrated from real detector frames passed
 through the same crop/bin preprocessing as the live stream (with a calibration
 cache, so a rebuild needs no frames), or taken from a Q/DQ (explicitly
-quantized) ONNX model, which needs no calibration.
+quantized) ONNX model, which needs no calibration. The cache records the model
+and the frames it was made from: scales are never taken from another model, nor
+kept when other frames are given.
 
 A dynamic batch axis gets one identical optimization profile per in-flight
 slot: TensorRT 8.5 lets concurrently running execution contexts share none.
+
+``--dla-core N`` also builds the model for a Jetson's DLA (fixed batch, FP16 or
+INT8, ``--gpu-fallback`` for layers the DLA cannot run) into ``<engine>.dla``,
+which the manifest names: the appliance serves it on ``engine.dla_cores`` next
+to the GPU engine.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from appliance import cuda
 from appliance.engines.base import EngineError, file_sha256
-from appliance.engines.manifest import GoldenPair, Manifest, TrainedPreprocess, load_manifest, write_manifest
+from appliance.engines.manifest import DlaPlan, GoldenPair, Manifest, TrainedPreprocess, load_manifest, write_manifest
 from appliance.engines.onnx_external import check_external_data
-from appliance.engines.tensorrt import import_tensorrt, make_logger, version_tuple
+from appliance.engines.tensorrt import device_model, import_tensorrt, tensorrt_process, version_tuple
 from appliance.preprocess import Preprocessor
 
 PRECISIONS = ("fp32", "fp16", "int8")
+DLA_PRECISIONS = ("fp16", "int8")
 INPUT_DTYPES = ("float32", "float16")
+DLA_SUFFIX = ".dla"  # the DLA plan beside the engine: not an engine suffix, so it is never served alone
 H5_DATASET_GUESSES = ("/entry/data/data", "/entry/instrument/detector/data", "/data")
 
 
@@ -61,14 +71,21 @@ class BuildOptions:
     bin: Optional[int] = None
     workspace_mb: int = 1024
     expect_sha256: Optional[str] = None  # build only this content of the ONNX file (it may be replaced meanwhile)
+    dla_core: Optional[int] = None  # also build a DLA plan, on this core
+    gpu_fallback: bool = False  # DLA: layers it cannot run go to the GPU
 
     @property
     def cache_path(self) -> str:
         return self.calibration_cache or self.output + ".calib"
 
+    @property
+    def cache_key_path(self) -> str:
+        """What the calibration cache was made from (TensorRT's cache itself says nothing of it)."""
+        return self.cache_path + ".key"
+
 
 def build_engine(options: BuildOptions, say: Callable[[str], None] = print) -> str:
-    """Build, write the engine and its manifest; returns the engine path."""
+    """Build, write the engine (and its DLA plan) and its manifest; returns the engine path."""
     _check_options(options)
     try:
         trt = import_tensorrt()
@@ -79,36 +96,72 @@ def build_engine(options: BuildOptions, say: Callable[[str], None] = print) -> s
         raise BuildError("building a TensorRT engine needs the CUDA device it will run on: {}".format(device))
     source_manifest = _source_manifest(options.onnx)
     os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)  # the calibration cache goes there
-    logger = make_logger(trt)
+    logger = tensorrt_process(trt).logger
     builder = trt.Builder(logger)
     network, onnx_sha256 = _parse(trt, builder, logger, options.onnx, options.expect_sha256)
     tensor = network.get_input(0)
     dims = tuple(int(d) for d in tensor.shape)
-    dynamic = dims[0] == -1
+    _check_dla(builder, options, dims)
     if options.input_dtype == "float16":
         tensor.dtype = trt.DataType.HALF
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    profiles = _add_profiles(builder, config, tensor.name, dims, options) if dynamic else []
-    quantization = _set_precision(trt, builder, config, network, options, say)
+    quantization = _quantization(trt, builder, network, options, onnx_sha256, say)
     calibrator = None
     if quantization == "calibration":
-        preprocess = _preprocess(options, source_manifest)
-        calibrator = _calibrator(trt, options, dims, profiles, preprocess, say)
+        calibrator = _calibrator(trt, options, dims, _preprocess(options, source_manifest), onnx_sha256, say)
+    try:
+        config = _config(trt, builder, options, tensor.name, dims, calibrator)
+        say("building {} engine from {} on {} (TensorRT {}); this takes a while".format(
+            options.precision, options.onnx, device, trt.__version__))
+        serialized = _build(builder, network, config, logger, calibrator, options.onnx, say)
+        dla_serialized = None
+        if options.dla_core is not None:
+            dla_config = _config(trt, builder, options, tensor.name, dims, calibrator)
+            _on_dla(trt, dla_config, options)
+            say("building its DLA plan for DLA core {}{}".format(
+                options.dla_core, " with GPU fallback" if options.gpu_fallback else ""))
+            dla_serialized = _build(builder, network, dla_config, logger, calibrator, options.onnx + " for DLA", say)
+        manifest = _engine_manifest(options, source_manifest, trt, dims, quantization, calibrator, onnx_sha256)
+    finally:
+        if calibrator is not None:
+            calibrator.close()
+    return _write(options.output, serialized, manifest, dla_serialized, options)
+
+
+def _config(trt: Any, builder: Any, options: BuildOptions, input_name: str, dims: Tuple[int, ...],
+            calibrator: Any) -> Any:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    profiles = _add_profiles(builder, config, input_name, dims, options) if dims[0] == -1 else []
+    if options.precision != "fp32":
+        config.set_flag(trt.BuilderFlag.FP16)  # also the fallback for layers INT8 does not cover
+    if options.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    if calibrator is not None:
         config.int8_calibrator = calibrator
         if profiles:
             config.set_calibration_profile(profiles[0])
-    say("building {} engine from {} on {} (TensorRT {}); this takes a while".format(
-        options.precision, options.onnx, device, trt.__version__))
+    return config
+
+
+def _on_dla(trt: Any, config: Any, options: BuildOptions) -> None:
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = options.dla_core
+    if options.gpu_fallback:
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+
+
+def _build(builder: Any, network: Any, config: Any, logger: Any, calibrator: Any, what: str,
+           say: Callable[[str], None]) -> memoryview:
     started = time.monotonic()
     mark = logger.mark()
     serialized = builder.build_serialized_network(network, config)
+    if calibrator is not None:
+        calibrator.raise_failure()  # TensorRT took it for the end of the data: the scales would be wrong
     if serialized is None:
         reason = logger.errors_since(mark) or "no reason logged"
-        raise BuildError("TensorRT could not build {}: {}".format(options.onnx, reason))
+        raise BuildError("TensorRT could not build {}: {}".format(what, reason))
     say("built in {:.1f} s".format(time.monotonic() - started))
-    manifest = _engine_manifest(options, source_manifest, trt, dims, quantization, calibrator, onnx_sha256)
-    return _write(options.output, memoryview(serialized), manifest)
+    return memoryview(serialized)
 
 
 def _check_options(options: BuildOptions) -> None:
@@ -122,6 +175,14 @@ def _check_options(options: BuildOptions) -> None:
         problems.append("batch sizes: need 1 <= opt ({}) <= max ({})".format(opt, options.max_batch))
     if options.profiles < 1:
         problems.append("profiles {}: need at least 1".format(options.profiles))
+    if options.dla_core is not None:
+        if options.dla_core < 0:
+            problems.append("DLA core {}: need 0 or more".format(options.dla_core))
+        if options.precision not in DLA_PRECISIONS:
+            problems.append("precision {} on a DLA core; the DLA runs {}".format(
+                options.precision, " or ".join(DLA_PRECISIONS)))
+    elif options.gpu_fallback:
+        problems.append("--gpu-fallback without --dla-core: GPU fallback is for layers a DLA core cannot run")
     if not os.path.isfile(options.onnx):
         problems.append("{}: no such ONNX file".format(options.onnx))
     if problems:
@@ -166,6 +227,19 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: str, expect_sha256: O
     return network, sha256
 
 
+def _check_dla(builder: Any, options: BuildOptions, dims: Tuple[int, ...]) -> None:
+    """A DLA plan needs a fixed batch and a core this device has: said before minutes of building."""
+    if options.dla_core is None:
+        return
+    if dims[0] == -1:
+        raise BuildError("{}: dynamic batch axis; a DLA core runs a fixed batch only: export the ONNX model with a "
+                         "fixed batch (e.g. 8) for --dla-core".format(options.onnx))
+    cores = int(builder.num_DLA_cores)
+    if options.dla_core >= cores:
+        raise BuildError("--dla-core {}: this device has {} DLA core(s){}".format(
+            options.dla_core, cores, " (0..{})".format(cores - 1) if cores else ""))
+
+
 def _add_profiles(builder: Any, config: Any, name: str, dims: Tuple[int, ...], options: BuildOptions) -> List[Any]:
     frame = dims[1:]
     opt = options.opt_batch or options.max_batch
@@ -178,30 +252,50 @@ def _add_profiles(builder: Any, config: Any, name: str, dims: Tuple[int, ...], o
     return profiles
 
 
-def _set_precision(trt: Any, builder: Any, config: Any, network: Any, options: BuildOptions,
-                   say: Callable[[str], None]) -> str:
-    """Set the builder flags; returns how INT8 scales are found ('', 'q/dq', 'calibration')."""
+def _quantization(trt: Any, builder: Any, network: Any, options: BuildOptions, onnx_sha256: str,
+                  say: Callable[[str], None]) -> str:
+    """How INT8 scales are found: '' (no INT8), 'q/dq' (in the model) or 'calibration'."""
     if options.precision == "fp32":
         return ""
     if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in 10.x
         say("warning: this GPU has no fast FP16; the engine may not be faster than FP32")
-    config.set_flag(trt.BuilderFlag.FP16)  # also the fallback for layers INT8 does not cover
     if options.precision == "fp16":
         return ""
-    config.set_flag(trt.BuilderFlag.INT8)
     layer_types = {network.get_layer(i).type for i in range(network.num_layers)}
     if layer_types & {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}:
         say("the model has Q/DQ nodes: explicit INT8 quantization, no calibration")
         return "q/dq"
-    if options.calibration or os.path.isfile(options.cache_path):
-        if not hasattr(trt, "IInt8EntropyCalibrator2"):
-            raise BuildError("TensorRT {} has no implicit INT8 calibration: use a Q/DQ (explicitly quantized) "
-                             "ONNX model".format(trt.__version__))
-        return "calibration"
-    raise BuildError(
-        "INT8 needs scales: give --calibration frames (.npy/.h5 of detector frames), an existing calibration cache "
-        "({}), or a Q/DQ (explicitly quantized) ONNX model".format(options.cache_path)
-    )
+    if not options.calibration and not os.path.isfile(options.cache_path):
+        raise BuildError(
+            "INT8 needs scales: give --calibration frames (.npy/.h5 of detector frames), an existing calibration "
+            "cache ({}), or a Q/DQ (explicitly quantized) ONNX model".format(options.cache_path)
+        )
+    if not hasattr(trt, "IInt8EntropyCalibrator2"):
+        raise BuildError("TensorRT {} has no implicit INT8 calibration: use a Q/DQ (explicitly quantized) "
+                         "ONNX model".format(trt.__version__))
+    if not options.calibration:
+        _check_cache_is_for(options, onnx_sha256)
+    return "calibration"
+
+
+def _check_cache_is_for(options: BuildOptions, onnx_sha256: str) -> None:
+    """Without frames, the cache's scales must be this model's: a retrained model has other activations."""
+    made_for = _read_cache_key(options).get("onnx_sha256")
+    if made_for != onnx_sha256:
+        raise BuildError("the calibration cache {} holds scales for {}, not for {} (sha256 {}): give --calibration "
+                         "frames to calibrate this model".format(
+                             options.cache_path, "model sha256 {}".format(made_for) if made_for else
+                             "an unrecorded model (no {})".format(options.cache_key_path), options.onnx, onnx_sha256))
+
+
+def _read_cache_key(options: BuildOptions) -> Dict[str, str]:
+    """What the calibration cache was made from ({} when that is not recorded, or unreadable)."""
+    try:
+        with open(options.cache_key_path) as handle:
+            key = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return key if isinstance(key, dict) else {}
 
 
 def _preprocess(options: BuildOptions, manifest: Manifest) -> TrainedPreprocess:
@@ -250,21 +344,30 @@ def _spread(data: Any, limit: int, where: str) -> np.ndarray:
     return np.asarray(data[indices.tolist()])
 
 
-def _calibrator(trt: Any, options: BuildOptions, dims: Tuple[int, ...], profiles: List[Any],
-                preprocess: TrainedPreprocess, say: Callable[[str], None]) -> Any:
-    batch = (options.opt_batch or options.max_batch) if profiles else dims[0]
+def _calibrator(trt: Any, options: BuildOptions, dims: Tuple[int, ...], preprocess: TrainedPreprocess,
+                onnx_sha256: str, say: Callable[[str], None]) -> Any:
+    batch = (options.opt_batch or options.max_batch) if dims[0] == -1 else dims[0]
     frames = np.zeros((0,) + dims[1:], np.float32)
+    key = {"onnx_sha256": onnx_sha256}
     if options.calibration:
         raw = load_frames(options.calibration, options.calibration_dataset, options.calibration_frames)
         frames = _preprocessed(raw, dims, preprocess, options.calibration)
         if len(frames) < batch:
             raise BuildError("{}: {} frames; calibration needs at least one batch of {}".format(
                 options.calibration, len(frames), batch))
+        key["frames_sha256"] = _frames_sha256(frames)
         say("calibrating INT8 on {} frames of {} (crop {}, bin {})".format(
             len(frames), options.calibration, list(preprocess.crop), preprocess.bin))
     else:
         say("INT8 scales from the calibration cache {}".format(options.cache_path))
-    return make_calibrator(trt, frames, batch, options.cache_path)
+    return make_calibrator(trt, frames, batch, np.dtype(options.input_dtype), options, key)
+
+
+def _frames_sha256(frames: np.ndarray) -> str:
+    """Of the preprocessed frames: the file, dataset, frame count, crop and bin all change it."""
+    digest = hashlib.sha256(repr(frames.shape).encode())
+    digest.update(np.ascontiguousarray(frames, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def _preprocessed(raw: np.ndarray, dims: Tuple[int, ...], preprocess: TrainedPreprocess, where: str) -> np.ndarray:
@@ -284,40 +387,64 @@ def _preprocessed(raw: np.ndarray, dims: Tuple[int, ...], preprocess: TrainedPre
     return frames.reshape((len(raw),) + dims[1:])
 
 
-def make_calibrator(trt: Any, frames: np.ndarray, batch: int, cache_path: str) -> Any:
-    """An IInt8EntropyCalibrator2 feeding ``frames`` (float32, network-shaped) ``batch`` at a time."""
+def make_calibrator(trt: Any, frames: np.ndarray, batch: int, dtype: np.dtype, options: BuildOptions,
+                    key: Dict[str, str]) -> Any:
+    """An IInt8EntropyCalibrator2 feeding ``frames`` (network-shaped) ``batch`` at a time, as ``dtype``.
+
+    ``key`` says what the scales are made from (the ONNX sha256, and the
+    frames' unless only the cache is used): the cache is read only when it was
+    made from the same, and written with it.
+    """
 
     class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.frames = frames
             self.batches = 0
+            self.failure = ""  # what get_batch raised: TensorRT's wrapper only logs it and ends the data
             self._next = 0
-            self._device = cuda.DeviceBuffer(batch * int(np.prod(frames.shape[1:])) * 4)
+            self._device = cuda.DeviceBuffer(batch * int(np.prod(frames.shape[1:])) * dtype.itemsize)
             self._stream = cuda.Stream()
 
         def get_batch_size(self) -> int:
             return batch
 
         def get_batch(self, names: Sequence[str], *unused: Any) -> Optional[List[int]]:
+            try:
+                return self._next_batch()
+            except Exception as exc:
+                self.failure = "{}: {}".format(type(exc).__name__, exc)
+                return None
+
+        def _next_batch(self) -> Optional[List[int]]:
             if self._next + batch > len(self.frames):
                 return None
-            chunk = np.ascontiguousarray(self.frames[self._next : self._next + batch])
-            self._next += batch
+            chunk = np.ascontiguousarray(self.frames[self._next : self._next + batch], dtype=dtype)
             cuda.copy_host_to_device(self._device.ptr, chunk.ctypes.data, chunk.nbytes, self._stream)
             self._stream.synchronize()
+            self._next += batch
             self.batches += 1
             return [self._device.ptr]
 
+        def raise_failure(self) -> None:
+            if self.failure:
+                raise BuildError("INT8 calibration failed reading batch {} of {}: {}; no engine was written".format(
+                    self.batches + 1, options.calibration, self.failure))
+
         def read_calibration_cache(self) -> Optional[bytes]:
-            if os.path.isfile(cache_path):
-                with open(cache_path, "rb") as handle:
-                    return handle.read()
-            return None
+            stored = _read_cache_key(options)
+            if not os.path.isfile(options.cache_path) or any(stored.get(k) != v for k, v in key.items()):
+                return None
+            with open(options.cache_path, "rb") as handle:
+                return handle.read()
 
         def write_calibration_cache(self, cache: Any) -> None:
-            with open(cache_path, "wb") as handle:
+            if os.path.exists(options.cache_key_path):
+                os.remove(options.cache_key_path)  # no moment where the old key names the new scales
+            with open(options.cache_path, "wb") as handle:
                 handle.write(bytes(cache))
+            with open(options.cache_key_path, "w") as handle:
+                json.dump(key, handle)
 
         def close(self) -> None:
             self._device.close()
@@ -338,6 +465,7 @@ def _engine_manifest(options: BuildOptions, source: Manifest, trt: Any, dims: Tu
         "tensorrt": str(trt.__version__),
         "gpu": info.name,
         "compute_capability": "{}.{}".format(*info.compute_capability),
+        "device_model": device_model(),
         "precision": options.precision,
         "input_dtype": options.input_dtype,
         "batch": batch,
@@ -349,13 +477,12 @@ def _engine_manifest(options: BuildOptions, source: Manifest, trt: Any, dims: Tu
     elif calibrator is not None:
         used = "{} batches of {}".format(calibrator.batches, os.path.basename(options.calibration or ""))
         build["int8_scales"] = "calibration cache {}".format(options.cache_path) if not calibrator.batches else used
-        calibrator.close()
     preprocess = source.preprocess
     if options.crop is not None or options.bin is not None:
         preprocess = _preprocess(options, source)
     return dataclasses.replace(
         source, preprocess=preprocess, golden=_golden_beside(source.golden, options.onnx, options.output),
-        sha256=None, build=build,
+        sha256=None, build=build, dla=None,
     )
 
 
@@ -373,16 +500,31 @@ def _golden_beside(golden: Optional[GoldenPair], onnx_path: str, engine_path: st
                                amplitude=moved(golden.amplitude))
 
 
-def _write(path: str, serialized: memoryview, manifest: Manifest) -> str:
-    """Engine and manifest as .part files first, renamed into place: a watcher never sees half of either."""
-    part = path + ".part"
-    with open(part, "wb") as handle:
-        handle.write(serialized)
+def _write(path: str, serialized: memoryview, manifest: Manifest, dla_serialized: Optional[memoryview],
+           options: BuildOptions) -> str:
+    """Engine, DLA plan and manifest as .part files first, renamed into place, the engine last: a watcher never
+    sees half of any, nor an engine whose manifest or plan is still missing."""
+    part = _write_part(path, serialized)
     manifest = dataclasses.replace(manifest, sha256=file_sha256(part))
+    dla_part = None
+    if dla_serialized is not None:
+        dla_part = _write_part(path + DLA_SUFFIX, dla_serialized)
+        plan = DlaPlan(file=os.path.basename(path) + DLA_SUFFIX, sha256=file_sha256(dla_part),
+                       core=int(options.dla_core or 0), gpu_fallback=options.gpu_fallback)
+        manifest = dataclasses.replace(manifest, dla=plan)
     manifest_part = write_manifest(part, manifest)
+    if dla_part is not None:
+        os.replace(dla_part, path + DLA_SUFFIX)
     os.replace(manifest_part, path + ".yaml")
     os.replace(part, path)
     return path
+
+
+def _write_part(path: str, data: memoryview) -> str:
+    part = path + ".part"
+    with open(part, "wb") as handle:
+        handle.write(data)
+    return part
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -406,6 +548,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (default 1024 MiB)")
     parser.add_argument("--expect-sha256", metavar="HEX",
                         help="build only if the ONNX file has this sha256 (it may be replaced while waiting)")
+    parser.add_argument("--dla-core", type=int, metavar="N",
+                        help="also build the model for DLA core N (fixed batch, fp16/int8) into <output>.dla, "
+                             "served next to the GPU on engine.dla_cores")
+    parser.add_argument("--gpu-fallback", action="store_true",
+                        help="with --dla-core: layers the DLA cannot run go to the GPU")
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
@@ -415,7 +562,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         profiles=args.profiles, input_dtype=args.input_dtype, calibration=args.calibration,
         calibration_dataset=args.calibration_dataset, calibration_frames=args.calibration_frames,
         calibration_cache=args.calibration_cache, crop=tuple(args.crop) if args.crop else None, bin=args.bin,
-        workspace_mb=args.workspace_mb, expect_sha256=args.expect_sha256,
+        workspace_mb=args.workspace_mb, expect_sha256=args.expect_sha256, dla_core=args.dla_core,
+        gpu_fallback=args.gpu_fallback,
     )
 
 

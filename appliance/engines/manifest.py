@@ -4,10 +4,14 @@ A model file says its tensor names and shapes; only its author knows which
 output is the phase, what pixel size the patches have, how frames were
 preprocessed in training, and what a known input must produce. The golden pair
 and the sha256 let the appliance refuse a file that is not what its author
-shipped, before it serves a single frame.
+shipped, before it serves a single frame. ``build`` says what built an engine
+(TensorRT version, compute capability, device), which is checked against the
+machine before the engine is deserialized, and ``dla`` names the same model
+built for a Jetson's DLA cores.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -22,6 +26,8 @@ from appliance.schema import SchemaError, check
 
 MANIFEST_LIMIT = SizeLimit(1 << 20, "1 MiB, the most a manifest may have")
 GOLDEN_LIMIT = SizeLimit(256 << 20, "256 MiB, the most a golden file may have")
+DLA_PLAN_LIMIT = SizeLimit(2048 << 20, "2 GiB, the most a DLA plan may have")
+SHA256 = check(lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v), "64 lowercase hex digits")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,21 @@ class GoldenPair:
     amplitude: Optional[str] = None
     atol: float = field(default=1e-3, metadata=check(lambda v: v >= 0, ">= 0"))
     rtol: float = field(default=1e-3, metadata=check(lambda v: v >= 0, ">= 0"))
+
+
+@dataclass(frozen=True)
+class DlaPlan:
+    """The engine's model built for a DLA core, in a file beside it (``<engine>.dla``, never served alone).
+
+    DLA cores run a plan built for DLA only, so a GPU engine cannot be sent
+    there: with ``engine.dla_cores`` this plan is loaded on each of those cores
+    as extra in-flight slots next to the GPU.
+    """
+
+    file: str  # relative to the engine, like the golden files
+    sha256: str = field(metadata=SHA256)
+    core: int = field(default=0, metadata=check(lambda v: v >= 0, ">= 0"))  # the core it was built on
+    gpu_fallback: bool = False  # layers the DLA cannot run are on the GPU
 
 
 @dataclass(frozen=True)
@@ -51,11 +72,9 @@ class Manifest:
     pixel_size_m: Optional[float] = field(default=None, metadata=PIXEL_SIZE_M)
     preprocess: Optional[TrainedPreprocess] = None
     golden: Optional[GoldenPair] = None
-    sha256: Optional[str] = field(
-        default=None,
-        metadata=check(lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v), "64 lowercase hex digits"),
-    )
+    sha256: Optional[str] = field(default=None, metadata=SHA256)
     build: Dict[str, str] = field(default_factory=dict)
+    dla: Optional[DlaPlan] = None
 
 
 def manifest_path(engine_path: str) -> str:
@@ -113,6 +132,21 @@ def load_golden(engine_path: str, golden: GoldenPair) -> Tuple[np.ndarray, Dict[
     if golden.amplitude:
         expected["amplitude"] = read(golden.amplitude)
     return read(golden.input), expected
+
+
+def read_dla_plan(engine_path: str, plan: DlaPlan) -> Tuple[str, bytes]:
+    """(path, bytes) of the DLA plan ``plan`` names beside ``engine_path``, checked against its sha256."""
+    path = os.path.join(os.path.dirname(os.path.abspath(engine_path)), plan.file)
+    try:
+        with open_regular_file(path, DLA_PLAN_LIMIT) as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise EngineError("{}: cannot read its DLA plan {}: {}".format(engine_path, path, exc.strerror or exc)) from exc
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 != plan.sha256:
+        raise EngineError("{}: its DLA plan {} has sha256 {} but the manifest says {}: the plan is not the one built "
+                          "with the engine".format(engine_path, path, sha256, plan.sha256))
+    return path, data
 
 
 def write_manifest(engine_path: str, manifest: Manifest) -> str:

@@ -67,11 +67,15 @@ def remove_cuda(monkeypatch):
     _forget_loaded_runtime(monkeypatch)
 
 
-def install_tensorrt(monkeypatch, cudart, version="8.5.2.2"):
-    """Make ``import tensorrt`` give the fake pretending to be ``version``, running on ``cudart``'s GPU."""
+def install_tensorrt(monkeypatch, cudart, version="8.5.2.2", dla_cores=0):
+    """Make ``import tensorrt`` give the fake pretending to be ``version``, running on ``cudart``'s GPU.
+
+    ``dla_cores``: the DLA engines beside that GPU (2 on an AGX Xavier, none on a discrete GPU).
+    """
     trt = _load("fake_trt.py", "fake_tensorrt_{}".format(version.replace(".", "_")))
     trt.__version__ = version
     trt.cudart = cudart
+    trt.dla_cores = dla_cores
     major, minor = (int(p) for p in version.split(".")[:2])
     if major >= 10:
         del trt.ICudaEngine.get_profile_shape

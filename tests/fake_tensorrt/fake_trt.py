@@ -7,10 +7,27 @@ calibrator), and enforces the rules that matter for correctness:
 - an engine file only deserializes with the same TensorRT version and compute
   capability that built it; failures return None and are explained through the
   logger only, as TensorRT does;
+- the logger is process-wide: the first one handed to a Runtime or Builder is
+  the one TensorRT keeps, later ones are ignored, and it is held without a
+  reference (a collected first logger is a crash in the real library: here an
+  error that says so);
+- engines with plugin layers only deserialize after ``init_libnvinfer_plugins``,
+  and a second call finds the creators registered already;
+- tensor addresses must be 256-byte aligned;
+- DLA: ``DeviceType``, ``IBuilderConfig.default_device_type``/``DLA_core``,
+  ``BuilderFlag.GPU_FALLBACK``, ``num_DLA_cores``; a DLA engine is built for a
+  fixed batch in FP16/INT8 and runs only on a runtime whose ``DLA_core`` is a
+  core of this device;
 - a dynamic-batch engine's concurrently used execution contexts need distinct
   optimization profiles, and shapes must lie inside the active profile;
 - ``execute_async_v3`` queues its work on the given (fake) CUDA stream; the
-  outputs appear only when that stream progresses.
+  outputs appear only when that stream progresses; a profile selected with
+  ``set_optimization_profile_async`` is only in effect once that stream has
+  progressed, so enqueueing on another stream before it did is refused (undefined
+  behaviour in TensorRT);
+- INT8 calibration reads the batches in the network input's dtype, and an
+  exception raised by the calibrator's ``get_batch`` is logged and taken as the
+  end of the data, as TensorRT's Python wrapper does.
 
 "Engines" are JSON descriptions of I/O plus the op to apply: an affine map per
 output, or the ONNX model itself run by ONNX Runtime. The version it pretends
@@ -22,6 +39,7 @@ import json
 import os
 import struct
 import time
+import weakref
 
 import numpy as np
 import onnxruntime as _onnxruntime  # the fake "GPU" runs ONNX engines with it; held here, so a test can hide
@@ -30,7 +48,11 @@ import onnxruntime as _onnxruntime  # the fake "GPU" runs ONNX engines with it; 
 __version__ = "8.5.2.2"
 cudart = None  # the fake CUDA runtime this fake TensorRT's "GPU" is; set on install
 MAGIC = b"FAKETRT\x01"
+ALIGNMENT = 256  # bytes, of every address given to set_tensor_address
 calibration_log = []  # what each build's INT8 calibration did, for tests
+dla_cores = 0  # DLA engines on this fake device (an AGX Xavier has 2); set on install
+_process = {"logger": None, "plugins": False}  # TensorRT's process-wide state
+counters = {"init_libnvinfer_plugins": 0, "deserialize_cuda_engine": 0, "create_execution_context": 0}
 
 
 class DataType(enum.Enum):
@@ -84,8 +106,36 @@ class Logger(ILogger):
             print("[fake TRT] {}: {}".format(severity.name, msg))
 
 
+def _keep_logger(logger):
+    """TensorRT keeps the first logger of the process, by a plain pointer: later ones are ignored."""
+    if _process["logger"] is None:
+        _process["logger"] = weakref.ref(logger)
+
+
 def _error(logger, msg, severity=ILogger.Severity.ERROR):
-    logger.log(severity, msg)
+    """Log through the process's logger, whatever object the message came from (``logger`` is ignored)."""
+    kept = _process["logger"]() if _process["logger"] is not None else None
+    if kept is None:
+        if _process["logger"] is not None:
+            raise RuntimeError("fake TensorRT: the process's logger (the first one given to TensorRT) has been "
+                               "garbage collected; TensorRT would call through a dangling pointer here")
+        return
+    kept.log(severity, msg)
+
+
+def init_libnvinfer_plugins(logger, namespace):
+    counters["init_libnvinfer_plugins"] += 1
+    _keep_logger(logger)
+    if _process["plugins"]:
+        _error(logger, "Plugin creator already registered - {}::FakePlugin version 1".format(namespace),
+               ILogger.Severity.WARNING)
+    _process["plugins"] = True
+    return True
+
+
+class DeviceType(enum.Enum):
+    GPU = 0
+    DLA = 1
 
 
 def _gpu():
@@ -104,6 +154,7 @@ def engine_description(tensors, profiles=(), op=None, version=None, gpu=None, **
 
     ``profiles``: one ``{name: (min, opt, max)}`` per optimization profile.
     ``op``: {"kind": "affine", "outputs": {name: [scale, offset]}} (default scale 1, offset 0).
+    ``extra``: e.g. ``plugins=["Name"]`` (plugin layers), ``dla_core=0`` (a DLA engine).
     """
     device = gpu or _gpu()
     description = {
@@ -120,9 +171,16 @@ def engine_description(tensors, profiles=(), op=None, version=None, gpu=None, **
 
 class Runtime:
     def __init__(self, logger):
+        _keep_logger(logger)
         self.logger = logger
+        self.DLA_core = -1
+
+    @property
+    def num_DLA_cores(self):
+        return dla_cores
 
     def deserialize_cuda_engine(self, data):
+        counters["deserialize_cuda_engine"] += 1
         data = bytes(data)
         fail = "Engine deserialization failed."
         if not data.startswith(MAGIC):
@@ -152,7 +210,19 @@ class Runtime:
             _error(self.logger, "6: The engine plan file is generated on an incompatible device, expecting compute "
                                 "{} got compute {}, please rebuild.".format(compute, description["compute"]))
             return None
-        return ICudaEngine(description, payload, self.logger)
+        for plugin in description.get("plugins", []):
+            if not _process["plugins"]:
+                _error(self.logger, "1: [pluginV2Runner.cpp::load::300] Error Code 1: Serialization (getPluginCreator "
+                                    "could not find plugin: {} version: 1)".format(plugin))
+                return None
+        if description.get("dla_core") is not None and not 0 <= self.DLA_core < dla_cores:
+            _error(self.logger, "1: [fake runtime] Error Code 1: Serialization (the engine has DLA layers, but the "
+                                "runtime's DLA core is {} and this device has {} DLA core(s))".format(
+                                    self.DLA_core, dla_cores))
+            return None
+        engine = ICudaEngine(description, payload, self.logger)
+        engine.dla_core = self.DLA_core if description.get("dla_core") is not None else None
+        return engine
 
 
 class ICudaEngine:
@@ -167,6 +237,7 @@ class ICudaEngine:
         if self._op["kind"] == "onnx":
             self._session = _onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])
         self.profiles_in_use = set()
+        self.dla_core = None  # the core it runs on, for a DLA engine
         self.executions = []  # (batch, input frames) of every execution, for tests
         self.description = description
 
@@ -207,6 +278,7 @@ class ICudaEngine:
         return self.get_tensor_profile_shape(name, profile_index)
 
     def create_execution_context(self):
+        counters["create_execution_context"] += 1
         return IExecutionContext(self)
 
     @property
@@ -235,6 +307,7 @@ class IExecutionContext:
         self._shapes = {}
         self._addresses = {}
         self.profile = None
+        self._profile_stream = None  # the stream a profile switch was queued on, until it has run
         if engine.dynamic:
             if 0 in engine.profiles_in_use:
                 _error(engine._logger, "Profile 0 has been chosen by another IExecutionContext. Use another "
@@ -264,6 +337,12 @@ class IExecutionContext:
             _error(engine._logger, "Profile {} has been chosen by another IExecutionContext.".format(profile_index))
             return False
         self._take(profile_index)
+        self._profile_stream = stream_handle
+
+        def switched():
+            self._profile_stream = None
+
+        cudart.launch(stream_handle, switched)
         return True
 
     def set_input_shape(self, name, shape):
@@ -292,6 +371,11 @@ class IExecutionContext:
         if name not in self.engine._tensors:
             _error(self.engine._logger, "set_tensor_address: no tensor {}".format(name))
             return False
+        if int(memory) % ALIGNMENT:
+            _error(self.engine._logger, "3: [executionContext.cpp::setTensorAddress] Error Code 3: API Usage Error "
+                                        "(tensor {} address 0x{:x} is not {}-byte aligned)".format(
+                                            name, int(memory), ALIGNMENT))
+            return False
         self._addresses[name] = int(memory)
         return True
 
@@ -308,6 +392,10 @@ class IExecutionContext:
             _error(logger, "execute_async_v3: input shape of {} not specified".format(input_name))
             return False
         batch = shape[0]
+        if self._profile_stream is not None and int(self._profile_stream) != int(stream_handle):
+            _error(logger, "execute_async_v3: the optimization profile was set on stream {} which has not been "
+                           "synchronized with stream {}".format(int(self._profile_stream), int(stream_handle)))
+            return False
 
         def view(name, dims):
             dtype = np.dtype(_NUMPY[DataType[tensors[name]["dtype"]]])
@@ -345,6 +433,7 @@ class BuilderFlag(enum.Enum):
     FP16 = 0
     INT8 = 1
     OBEY_PRECISION_CONSTRAINTS = 2
+    GPU_FALLBACK = 3
 
 
 class MemoryPoolType(enum.Enum):
@@ -469,6 +558,8 @@ class IBuilderConfig:
         self.pool_limits = {}
         self.int8_calibrator = None
         self.calibration_profile = None
+        self.default_device_type = DeviceType.GPU
+        self.DLA_core = -1
 
     def set_flag(self, flag):
         self.flags.add(flag)
@@ -506,7 +597,12 @@ class Builder:
     platform_has_fast_int8 = True
 
     def __init__(self, logger):
+        _keep_logger(logger)
         self.logger = logger
+
+    @property
+    def num_DLA_cores(self):
+        return dla_cores
 
     def create_network(self, flags=0):
         explicit = bool(flags & (1 << NetworkDefinitionCreationFlag.EXPLICIT_BATCH.value)) or _major() >= 10
@@ -536,6 +632,9 @@ class Builder:
                     return None
             profiles.append({name: shapes for name, shapes in profile.shapes.items()})
         quantized = any(layer.type in (LayerType.QUANTIZE, LayerType.DEQUANTIZE) for layer in network.layers)
+        device = self._device(network, config)
+        if device is None:
+            return None
         calibration = None
         if BuilderFlag.INT8 in config.flags and not quantized:
             if config.int8_calibrator is None:
@@ -550,9 +649,29 @@ class Builder:
         tensors += [(t.name, "OUTPUT", t.shape, t.dtype.name) for t in network.outputs]
         description = engine_description(
             tensors, profiles, {"kind": "onnx"},
-            precision=sorted(f.name for f in config.flags), quantized=quantized, calibration=calibration,
+            precision=sorted(f.name for f in config.flags), quantized=quantized, calibration=calibration, **device
         )
         return serialize(description, network.onnx or b"")
+
+    def _device(self, network, config):
+        """What the engine records of the device it was built for; None (logged) where DLA cannot take it."""
+        if config.default_device_type != DeviceType.DLA:
+            return {}
+        logger, fallback = self.logger, BuilderFlag.GPU_FALLBACK in config.flags
+        if not 0 <= config.DLA_core < dla_cores:
+            _error(logger, "DLA core {} requested, but this device has {} DLA core(s)".format(config.DLA_core, dla_cores))
+            return None
+        if any(-1 in tensor.shape for tensor in network.inputs):
+            _error(logger, "DLA does not support dynamic shapes: the network input must have a fixed batch")
+            return None
+        if not config.flags & {BuilderFlag.FP16, BuilderFlag.INT8}:
+            _error(logger, "DLA only runs FP16 or INT8: set BuilderFlag.FP16 or BuilderFlag.INT8")
+            return None
+        unsupported = [layer.name for layer in network.layers if layer.type == LayerType.OTHER]
+        if unsupported and not fallback:
+            _error(logger, "Layer {} is not supported on DLA and GPU fallback is not enabled".format(unsupported[0]))
+            return None
+        return {"dla_core": config.DLA_core, "gpu_fallback": fallback}
 
     def _calibrate(self, network, config):
         calibrator, logger = config.int8_calibrator, self.logger
@@ -571,14 +690,18 @@ class Builder:
             if tuple(opt) != dims:
                 _error(logger, "Calibration batch shape {} differs from the calibration profile's opt {}".format(dims, opt))
                 return None
-        itemsize = np.dtype(_NUMPY[DataType.FLOAT]).itemsize
+        dtype = np.dtype(_NUMPY[tensor.dtype])
         peak, batches = 0.0, 0
         while True:
-            pointers = calibrator.get_batch([tensor.name])
+            try:
+                pointers = calibrator.get_batch([tensor.name])
+            except Exception as exc:  # what TensorRT's Python wrapper does with it
+                _error(logger, "Exception caught in get_batch(): {}".format(exc))
+                pointers = None
             if not pointers:
                 break
-            data = cudart.device_view(pointers[0], int(np.prod(dims)) * itemsize).view(np.float32)
-            peak = max(peak, float(np.abs(data).max()))
+            data = cudart.device_view(pointers[0], int(np.prod(dims)) * dtype.itemsize).view(dtype)
+            peak = max(peak, float(np.abs(data.astype(np.float32)).max()))
             batches += 1
         if not batches:
             _error(logger, "Calibration failure: the calibrator provided no batch")
