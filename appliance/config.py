@@ -79,6 +79,10 @@ class EngineConfig:
         metadata=check(lambda v: v in ("off", "fp32", "fp16", "int8"), "off, fp32, fp16 or int8 (Q/DQ models only)"),
     )
     build_cache: Optional[str] = None  # default: $STATE_DIRECTORY/engine-cache under systemd, else ~/.cache
+    dla_cores: Tuple[int, ...] = field(
+        default=(),
+        metadata=check(lambda v: len(set(v)) == len(v) and all(0 <= c <= 15 for c in v), "distinct DLA cores 0..15"),
+    )  # a fixed-batch engine that has a DLA plan also serves on these cores (AGX Xavier: 0 and 1)
     build_niceness: int = field(default=19, metadata=check(lambda v: 0 <= v <= 19, "0..19 (19: the lowest CPU priority)"))
 
     def __post_init__(self) -> None:

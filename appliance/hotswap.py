@@ -74,10 +74,11 @@ def is_candidate(name: str) -> bool:
 
 
 def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream: Optional[StreamSpec],
-             sha256: Optional[str] = None) -> Engine:
+             sha256: Optional[str] = None, in_flight: int = 2) -> Engine:
     """Load ``path`` and prove it can serve this stream; raises EngineError saying why not.
 
     ``sha256``: the file's, when the caller has just hashed it (engines can be large).
+    ``in_flight``: pipeline.in_flight, the batches the engine must be able to run at once.
     """
     try:
         size = regular_file_size(path, file_limit(engine_config))
@@ -87,7 +88,7 @@ def validate(path: str, engine_config: EngineConfig, dynamic_batch: int, stream:
         raise EngineError("{}: empty file".format(path))
     if engine_config.backend == "onnxruntime" and not path.lower().endswith(ONNX_SUFFIXES):
         raise EngineError("{}: a TensorRT engine, but engine.backend is onnxruntime".format(path))
-    engine = open_engine(path, dynamic_batch, engine_config.cpu_threads, sha256)
+    engine = open_engine(path, dynamic_batch, engine_config.cpu_threads, sha256, engine_config.dla_cores, in_flight)
     try:
         _check_fits_stream(engine, stream)
         frame = _warm_up(engine)
@@ -251,8 +252,10 @@ class EngineManager:
         serve: Callable[[Engine], None],
         history: int = 20,
         builds: Optional[EngineBuilds] = None,
+        in_flight: int = 2,
     ) -> None:
         self._config = config
+        self._in_flight = in_flight
         self._builds = builds
         self._directory = os.path.normpath(config.directory)
         self._dynamic_batch = dynamic_batch
@@ -508,7 +511,7 @@ class EngineManager:
     def _validate(self, path: str, content: Content) -> Engine:
         """:func:`validate`, with any failure an EngineError: one file must never end the manager thread."""
         try:
-            return validate(path, self._config, self._dynamic_batch, self.stream, content.sha256)
+            return validate(path, self._config, self._dynamic_batch, self.stream, content.sha256, self._in_flight)
         except EngineError:
             raise
         except Exception as exc:  # a library's (or our) surprise on this file; the next file is judged as usual

@@ -87,6 +87,7 @@ def make_slots(engine: Engine, ring: FrameRing, count: int) -> List[InflightSlot
 
 
 def slot_limit(engine: Engine, count: int) -> int:
-    """``count`` (pipeline.in_flight), or fewer when the engine runs fewer batches at once."""
+    """``count`` (pipeline.in_flight), or what the engine was loaded to run at once: fewer where a
+    dynamic-batch engine has fewer profiles, more where DLA cores serve beside the GPU."""
     cap = engine.max_in_flight
-    return count if cap is None else max(1, min(count, cap))
+    return count if cap is None else max(1, cap)

@@ -299,6 +299,8 @@ class Pipeline:
             self.in_flight_cap = "{} runs at most {} batches at once: pipeline.in_flight {} capped to {}".format(
                 engine.name, engine.max_in_flight, wanted, allowed)
             log.warning("%s", self.in_flight_cap)
+        elif engine.runs_on_gpu and allowed > wanted:
+            log.info("%s runs %d batches at once (pipeline.in_flight %d and its DLA cores)", engine.name, allowed, wanted)
 
     def _retire_unused_engines(self) -> None:
         busy = {id(slot.engine) for slot in self._inflight}

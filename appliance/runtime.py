@@ -112,9 +112,10 @@ class Appliance:
         self._backend, self._backend_reason = choose_backend(engine_config.backend)
         log.info("backend %s (%s)", self._backend, self._backend_reason)
         if engine_config.path:
-            return validate(engine_config.path, engine_config, self.config.pipeline.max_batch, None)
+            return validate(engine_config.path, engine_config, self.config.pipeline.max_batch, None,
+                            in_flight=self.config.pipeline.in_flight)
         self._engines = EngineManager(engine_config, self.config.pipeline.max_batch, self._engine_accepted,
-                                      builds=self._engine_builds())
+                                      builds=self._engine_builds(), in_flight=self.config.pipeline.in_flight)
         self.telemetry.add_provider(self._engines.status)
         return self._engines.select_initial()
 
@@ -323,6 +324,7 @@ class Appliance:
             "backend_choice": self._backend_reason,
             "queue_depth": self.queue_depth(),
             "ring_capacity": self._ring.capacity if self._ring is not None else None,
+            "in_flight_cap": (self._pipeline.in_flight_cap or "") if self._pipeline is not None else "",
             "ring_memory": self._ring_memory(),
             "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,

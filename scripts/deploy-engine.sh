@@ -50,7 +50,10 @@ deploy_one() {
     printf 'deploy-engine.sh: %s -> %s:%s/%s (sha256 %s)\n' "$source" "$HOST" "$DIR" "$name" "$sum"
 }
 
-# The manifest first: when the engine appears, the appliance reads its manifest with it.
+# The DLA plan and the manifest first: when the engine appears, the appliance reads them with it.
+if [ -f "$FILE.dla" ]; then
+    deploy_one "$FILE.dla"
+fi
 if [ -f "$FILE.yaml" ]; then
     deploy_one "$FILE.yaml"
 fi

@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,7 +25,7 @@ import yaml
 
 import fake_tensorrt
 from appliance import cuda
-from appliance.config import EngineConfig
+from appliance.config import EngineConfig, PipelineConfig
 from appliance.engines import open_engine
 from appliance.engines.base import BatchSpec, EngineError, file_sha256
 from appliance.engines import tensorrt as tensorrt_backend
@@ -34,6 +35,8 @@ from appliance.engines.tensorrt import TensorRtEngine, choose_backend
 from appliance.hotswap import validate
 from appliance.gpu_inflight import CudaSlot
 from appliance.inflight import make_slots
+from appliance.pipeline import Pipeline
+from appliance.telemetry import Telemetry
 from appliance.ring import FrameRing
 from onnx_models import affine_model
 from harness import fill as fill_ring
@@ -257,7 +260,10 @@ def test_serving_contexts_are_ready_at_load_so_a_first_batch_creates_and_allocat
 
 
 def test_max_in_flight_counts_the_serving_contexts(gpu, tmp_path):
-    assert open_engine(affine_engine(tmp_path / "d.engine", gpu.trt, profiles=3)).max_in_flight == 3
+    dynamic = affine_engine(tmp_path / "d.engine", gpu.trt, profiles=3)
+    assert open_engine(dynamic, in_flight=3).max_in_flight == 3
+    assert open_engine(dynamic, in_flight=2).max_in_flight == 2  # the pipeline's in_flight, not every profile
+    assert open_engine(dynamic, in_flight=5).max_in_flight == 3  # no more than its profiles
     fixed = affine_engine(tmp_path / "f.engine", gpu.trt, batch=8)
     assert open_engine(fixed).max_in_flight == tensorrt_backend.GPU_CONTEXTS
     engine = TensorRtEngine(fixed, file_sha256(fixed), None, 8, gpu_contexts=3)
@@ -579,6 +585,34 @@ def test_a_fixed_batch_model_serves_on_the_gpu_and_both_dla_cores_at_once(xavier
         np.testing.assert_allclose(slot.outputs()["phase"], data[8 * index : 8 * index + 8] * 2 + 1, rtol=1e-6)
     plans = [engine._engine] + [engine._dla_engines[core] for core in (0, 1)]
     assert [len(plan.executions) for plan in plans] == [2 + 2, 1 + 1, 1 + 1]  # warm-ups at load, then a batch each
+
+
+def test_engine_dla_cores_in_the_config_give_the_pipeline_a_slot_per_context(xavier, tmp_path, caplog):
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE, batch=8, scale=2.0, offset=1.0)
+    path = build(tmp_path, onnx, dla_core=0)
+    engine = validate(path, EngineConfig(directory=str(tmp_path), dla_cores=(0, 1)), 8, None, in_flight=2)
+    assert engine.devices == ["GPU", "GPU", "DLA 0", "DLA 1"]
+    ring = FrameRing(64, (SIZE, SIZE), np.float32, allocate=cuda.PinnedBuffer)
+    published = {}
+    done = threading.Event()
+
+    def sink(meta, images):
+        published[meta.unique_id] = images["phase"].copy()
+        if len(published) == 64:
+            done.set()
+
+    caplog.set_level(logging.INFO)
+    pipeline = Pipeline(PipelineConfig(max_batch=8, in_flight=2), ring, engine, sink, Telemetry(100))
+    assert "m.engine runs 4 batches at once (pipeline.in_flight 2 and its DLA cores)" in caplog.text
+    slots = make_slots(engine, ring, 2)
+    assert len(slots) == 4
+    for slot in slots:
+        slot.close()
+    pipeline.start()
+    data = fill(ring, 64)
+    assert done.wait(60) and pipeline.stop(10)
+    for index, image in enumerate(data):
+        np.testing.assert_allclose(published[index], image * 2 + 1, rtol=1e-6)
 
 
 def test_dla_cores_the_device_lacks_and_a_changed_dla_plan_are_refused_with_the_reason(xavier, tmp_path):

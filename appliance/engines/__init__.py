@@ -7,7 +7,7 @@ what was wrong with it, so a bad file can be rejected while the service goes on.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from appliance.engines.base import Engine, EngineError, file_sha256
 from appliance.engines.manifest import Manifest, load_manifest
@@ -22,10 +22,13 @@ def is_engine_file(path: str) -> bool:
     return path.lower().endswith(ENGINE_SUFFIXES)
 
 
-def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0, sha256: Optional[str] = None) -> Engine:
+def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0, sha256: Optional[str] = None,
+                dla_cores: Sequence[int] = (), in_flight: int = 2) -> Engine:
     """Load ``path`` with the backend its type calls for, after checking the manifest's sha256.
 
-    ``sha256``: the file's, when the caller has just computed it.
+    ``sha256``: the file's, when the caller has just computed it. ``dla_cores`` and
+    ``in_flight`` (batches the pipeline keeps in flight) size a TensorRT engine's
+    execution contexts, which it makes at load.
     """
     if not os.path.isfile(path):
         raise EngineError("{}: no such engine file".format(path))
@@ -47,7 +50,7 @@ def open_engine(path: str, dynamic_batch: int = 8, cpu_threads: int = 0, sha256:
         return OnnxRuntimeEngine(path, sha256, manifest, dynamic_batch, cpu_threads)
     from appliance.engines.tensorrt import TensorRtEngine
 
-    return TensorRtEngine(path, sha256, manifest, dynamic_batch)
+    return TensorRtEngine(path, sha256, manifest, dynamic_batch, dla_cores=dla_cores, gpu_contexts=in_flight)
 
 
 def _check_sha256(path: str, sha256: str, manifest: Optional[Manifest]) -> None:

@@ -240,8 +240,9 @@ class _Context:
 class TensorRtEngine(Engine):
     """One model on the GPU, and with ``dla_cores`` on those DLA cores too, as one engine.
 
-    Each context is one batch in flight: one per optimization profile of a
-    dynamic-batch engine, ``gpu_contexts`` of a fixed-batch one, plus one per DLA
+    Each context is one batch in flight: ``gpu_contexts`` (pipeline.in_flight)
+    on the GPU, fewer for a dynamic-batch engine with fewer optimization
+    profiles (each context holds one), plus one per DLA
     core, each deserialized from the manifest's DLA plan on its own core. The
     pipeline sees only :attr:`max_in_flight` slots and never which device runs
     a batch.
@@ -385,7 +386,8 @@ class TensorRtEngine(Engine):
         enqueue's resource updates.
         """
         if self._dynamic:
-            gpu = [("GPU", self._engine, profile) for profile in range(self._engine.num_optimization_profiles)]
+            profiles = range(min(self._engine.num_optimization_profiles, gpu_contexts))
+            gpu = [("GPU", self._engine, profile) for profile in profiles]
         else:
             gpu = [("GPU", self._engine, None)] * gpu_contexts
         dla = [("DLA {}".format(core), engine, None) for core, engine in self._dla_engines.items()]
