@@ -75,9 +75,10 @@ def any_gpu(request, monkeypatch):
     return SimpleNamespace(cudart=cudart, trt=fake_tensorrt.install_tensorrt(monkeypatch, cudart), integrated=request.param)
 
 
-def affine_engine(path, trt, batch=-1, dtype="FLOAT", profiles=2, low=1, high=8, outputs=("phase", "amplitude"), **kw):
-    """A fake engine: output k = scale_k * input + offset_k, input (batch, 1, SIZE, SIZE)."""
-    frame = (1, SIZE, SIZE)
+def affine_engine(path, trt, batch=-1, dtype="FLOAT", profiles=2, low=1, high=8, outputs=("phase", "amplitude"),
+                  size=SIZE, **kw):
+    """A fake engine: output k = scale_k * input + offset_k, input (batch, 1, size, size)."""
+    frame = (1, size, size)
     tensors = [("input.1", "INPUT", (batch,) + frame, dtype)]
     tensors += [(name, "OUTPUT", (batch,) + frame, "FLOAT") for name in outputs]
     shapes = {"input.1": ((low,) + frame, (high,) + frame, (high,) + frame)}
@@ -338,6 +339,24 @@ def test_slot_runs_a_batch_from_the_pinned_ring(any_gpu, tmp_path, fixed):
     engine.close()
     ring.close()
     assert any_gpu.cudart.live_allocations() == (0, 0)
+
+
+def test_zero_copy_batches_of_odd_sized_frames_reach_tensorrt_on_256_byte_boundaries(monkeypatch, tmp_path):
+    cudart = fake_tensorrt.install_cuda(monkeypatch, integrated=True)
+    trt = fake_tensorrt.install_tensorrt(monkeypatch, cudart)  # refuses misaligned tensor addresses, as TensorRT may
+    engine = open_engine(affine_engine(tmp_path / "m.engine", trt, size=10))  # 400-byte frames
+    ring = FrameRing(8, (10, 10), np.float32, allocate=cuda.PinnedBuffer)
+    slot = CudaSlot(engine, ring)
+    data = fill(ring, 8)
+    for start in range(8):  # a batch of one from every slot: each its own zero-copy address
+        batch = ring.take(1)
+        slot.launch(engine, batch)
+        slot.wait()
+        np.testing.assert_allclose(slot.outputs()["phase"], expected(data[start : start + 1], "phase"), rtol=1e-6)
+        ring.release(batch)
+    slot.close()
+    engine.close()
+    ring.close()
 
 
 def test_fp16_ring_feeds_an_fp16_engine(any_gpu, tmp_path):
