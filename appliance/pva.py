@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -255,6 +255,10 @@ class Server:
         self.names.append(name)
         return StatusRecord(self._server, name)
 
+    def add_scalar(self, name: str, kind: str, display: "ScalarDisplay") -> "ScalarRecord":
+        self.names.append(name)
+        return ScalarRecord(self._server, name, kind, display)
+
     def add_command(self, name: str, on_command: Callable[[str], str]) -> "CommandRecord":
         self.names.append(name)
         return CommandRecord(self._server, name, on_command)
@@ -418,6 +422,56 @@ class StatusRecord:
     def publish(self, snapshot: Mapping[str, Any]) -> None:
         self._object.set(flatten_status(snapshot))
         self._server.update(self.name, self._object)
+
+
+class ScalarDisplay(NamedTuple):
+    """What a display or an archiver shows with a scalar's value (NTScalar ``display``)."""
+
+    units: str
+    description: str
+    low: float = 0.0  # low == high: no display range (a count, a name)
+    high: float = 0.0
+
+
+# NTScalar alarm.status codes (pvData AlarmStatus) for the severities we set.
+_ALARM_STATUS_NONE, _ALARM_STATUS_RECORD, _ALARM_STATUS_UNDEFINED = 0, 3, 6
+ALARM_INVALID = 3
+
+
+class ScalarRecord:
+    """An NTScalar record (kind: DOUBLE, LONG, STRING or BOOLEAN), read-only like every output record.
+
+    Until its first update it holds INVALID "no value yet", as an EPICS record that was never processed.
+    """
+
+    def __init__(self, server: Any, name: str, kind: str, display: ScalarDisplay) -> None:
+        self.name = name
+        self._server = server
+        self._object = _scalar_object(kind, display)
+        server.addRecord(name, _scalar_object(kind, display))
+        self.publish(self._object["value"], ALARM_INVALID, "no value yet", (0, 0, 0))
+
+    def publish(self, value: Any, severity: int, message: str, stamp: TimeStamp) -> None:
+        """``severity``: 0 none, 1 MINOR, 2 MAJOR, 3 INVALID (the value is not known)."""
+        pv = self._object
+        pv["value"] = value
+        pv["alarm"] = {"severity": severity, "status": _alarm_status(severity), "message": message}
+        pv["timeStamp"] = ntndarray.timestamp_field(stamp)
+        self._server.update(self.name, pv)
+
+
+def _scalar_object(kind: str, display: ScalarDisplay) -> Any:
+    pvaccess = _pvaccess()
+    pv = pvaccess.NtScalar(getattr(pvaccess, kind))
+    pv["display"] = {"limitLow": display.low, "limitHigh": display.high, "description": display.description,
+                     "format": "", "units": display.units}
+    return pv
+
+
+def _alarm_status(severity: int) -> int:
+    if severity == ALARM_INVALID:
+        return _ALARM_STATUS_UNDEFINED
+    return _ALARM_STATUS_RECORD if severity else _ALARM_STATUS_NONE
 
 
 class CommandRecord:
