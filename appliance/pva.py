@@ -304,7 +304,7 @@ class ImageRecord:
             self._set_compressed(image, codec)
         else:
             if self._codec:
-                pv["codec"] = {"name": ""}
+                pv["codec"] = _uncompressed_codec(image.dtype)
                 self._codec = None
             _set_pixels(pv, image)
         if self._shape != image.shape:
@@ -313,7 +313,7 @@ class ImageRecord:
         pv["uniqueId"] = unique_id
         pv["timeStamp"] = ntndarray.timestamp_field(timestamp)
         pv["dataTimeStamp"] = ntndarray.timestamp_field(data_timestamp)
-        pv["attribute"] = list(frame_attributes)
+        pv["attribute"] = _with_color_mode(frame_attributes)
         self._server.update(self.name, pv)
 
     def publish_frame(self, image: np.ndarray, meta: FrameMeta) -> None:
@@ -332,7 +332,7 @@ class ImageRecord:
         carrier = meta.carrier
         _set_pixels(carrier, image)
         if meta.codec:
-            carrier["codec"] = {"name": ""}
+            carrier["codec"] = _uncompressed_codec(image.dtype)
         if meta.image_shape != image.shape:
             carrier["dimension"] = ntndarray.dimensions(image.shape[0], image.shape[1])
         self._server.update(self.name, carrier)
@@ -360,6 +360,31 @@ def _set_pixels(pv: Any, image: np.ndarray) -> None:
     pv["value"] = {field: image.ravel()}
     pv.setLong("compressedSize", image.nbytes)
     pv.setLong("uncompressedSize", image.nbytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _uncompressed_codec(dtype: np.dtype) -> Dict[str, Any]:
+    """The codec field of an uncompressed image that may go out on a compressed frame's structure: no
+    name, and ``parameters`` the published pixel type (a received frame's type there would be stale)."""
+    pvaccess = _pvaccess()
+    code = ntndarray.DTYPE_SCALAR_TYPES[ntndarray.published_dtype(dtype)]
+    return {"name": "", "parameters": pvaccess.PvObject({"value": pvaccess.INT}, {"value": code})}
+
+
+def _with_color_mode(frame_attributes: Sequence[Any]) -> List[Any]:
+    """The attributes, with ``ColorMode`` mono unless present: areaDetector's viewers read it, and
+    NDPluginPva always sends it; our images (the mosaic among them) are monochrome."""
+    entries = list(frame_attributes)
+    if not any(entry["name"] == "ColorMode" for entry in entries):
+        entries.insert(0, _mono_color_mode())
+    return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _mono_color_mode() -> Dict[str, Any]:
+    """ColorMode 0 as an int32, the type NDPluginPva gives it (its converter reads it back as one)."""
+    pvaccess = _pvaccess()
+    return {"name": "ColorMode", "value": pvaccess.PvObject({"value": pvaccess.INT}, {"value": 0})}
 
 
 @functools.lru_cache(maxsize=None)
