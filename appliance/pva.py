@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -255,6 +255,10 @@ class Server:
         self.names.append(name)
         return StatusRecord(self._server, name)
 
+    def add_scalar(self, name: str, kind: str, display: "ScalarDisplay") -> "ScalarRecord":
+        self.names.append(name)
+        return ScalarRecord(self._server, name, kind, display)
+
     def add_command(self, name: str, on_command: Callable[[str], str]) -> "CommandRecord":
         self.names.append(name)
         return CommandRecord(self._server, name, on_command)
@@ -300,7 +304,7 @@ class ImageRecord:
             self._set_compressed(image, codec)
         else:
             if self._codec:
-                pv["codec"] = {"name": ""}
+                pv["codec"] = _uncompressed_codec(image.dtype)
                 self._codec = None
             _set_pixels(pv, image)
         if self._shape != image.shape:
@@ -309,7 +313,7 @@ class ImageRecord:
         pv["uniqueId"] = unique_id
         pv["timeStamp"] = ntndarray.timestamp_field(timestamp)
         pv["dataTimeStamp"] = ntndarray.timestamp_field(data_timestamp)
-        pv["attribute"] = list(frame_attributes)
+        pv["attribute"] = _with_color_mode(frame_attributes)
         self._server.update(self.name, pv)
 
     def publish_frame(self, image: np.ndarray, meta: FrameMeta) -> None:
@@ -328,7 +332,7 @@ class ImageRecord:
         carrier = meta.carrier
         _set_pixels(carrier, image)
         if meta.codec:
-            carrier["codec"] = {"name": ""}
+            carrier["codec"] = _uncompressed_codec(image.dtype)
         if meta.image_shape != image.shape:
             carrier["dimension"] = ntndarray.dimensions(image.shape[0], image.shape[1])
         self._server.update(self.name, carrier)
@@ -356,6 +360,31 @@ def _set_pixels(pv: Any, image: np.ndarray) -> None:
     pv["value"] = {field: image.ravel()}
     pv.setLong("compressedSize", image.nbytes)
     pv.setLong("uncompressedSize", image.nbytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _uncompressed_codec(dtype: np.dtype) -> Dict[str, Any]:
+    """The codec field of an uncompressed image that may go out on a compressed frame's structure: no
+    name, and ``parameters`` the published pixel type (a received frame's type there would be stale)."""
+    pvaccess = _pvaccess()
+    code = ntndarray.DTYPE_SCALAR_TYPES[ntndarray.published_dtype(dtype)]
+    return {"name": "", "parameters": pvaccess.PvObject({"value": pvaccess.INT}, {"value": code})}
+
+
+def _with_color_mode(frame_attributes: Sequence[Any]) -> List[Any]:
+    """The attributes, with ``ColorMode`` mono unless present: areaDetector's viewers read it, and
+    NDPluginPva always sends it; our images (the mosaic among them) are monochrome."""
+    entries = list(frame_attributes)
+    if not any(entry["name"] == "ColorMode" for entry in entries):
+        entries.insert(0, _mono_color_mode())
+    return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _mono_color_mode() -> Dict[str, Any]:
+    """ColorMode 0 as an int32, the type NDPluginPva gives it (its converter reads it back as one)."""
+    pvaccess = _pvaccess()
+    return {"name": "ColorMode", "value": pvaccess.PvObject({"value": pvaccess.INT}, {"value": 0})}
 
 
 @functools.lru_cache(maxsize=None)
@@ -418,6 +447,56 @@ class StatusRecord:
     def publish(self, snapshot: Mapping[str, Any]) -> None:
         self._object.set(flatten_status(snapshot))
         self._server.update(self.name, self._object)
+
+
+class ScalarDisplay(NamedTuple):
+    """What a display or an archiver shows with a scalar's value (NTScalar ``display``)."""
+
+    units: str
+    description: str
+    low: float = 0.0  # low == high: no display range (a count, a name)
+    high: float = 0.0
+
+
+# NTScalar alarm.status codes (pvData AlarmStatus) for the severities we set.
+_ALARM_STATUS_NONE, _ALARM_STATUS_RECORD, _ALARM_STATUS_UNDEFINED = 0, 3, 6
+ALARM_INVALID = 3
+
+
+class ScalarRecord:
+    """An NTScalar record (kind: DOUBLE, LONG, STRING or BOOLEAN), read-only like every output record.
+
+    Until its first update it holds INVALID "no value yet", as an EPICS record that was never processed.
+    """
+
+    def __init__(self, server: Any, name: str, kind: str, display: ScalarDisplay) -> None:
+        self.name = name
+        self._server = server
+        self._object = _scalar_object(kind, display)
+        server.addRecord(name, _scalar_object(kind, display))
+        self.publish(self._object["value"], ALARM_INVALID, "no value yet", (0, 0, 0))
+
+    def publish(self, value: Any, severity: int, message: str, stamp: TimeStamp) -> None:
+        """``severity``: 0 none, 1 MINOR, 2 MAJOR, 3 INVALID (the value is not known)."""
+        pv = self._object
+        pv["value"] = value
+        pv["alarm"] = {"severity": severity, "status": _alarm_status(severity), "message": message}
+        pv["timeStamp"] = ntndarray.timestamp_field(stamp)
+        self._server.update(self.name, pv)
+
+
+def _scalar_object(kind: str, display: ScalarDisplay) -> Any:
+    pvaccess = _pvaccess()
+    pv = pvaccess.NtScalar(getattr(pvaccess, kind))
+    pv["display"] = {"limitLow": display.low, "limitHigh": display.high, "description": display.description,
+                     "format": "", "units": display.units}
+    return pv
+
+
+def _alarm_status(severity: int) -> int:
+    if severity == ALARM_INVALID:
+        return _ALARM_STATUS_UNDEFINED
+    return _ALARM_STATUS_RECORD if severity else _ALARM_STATUS_NONE
 
 
 class CommandRecord:

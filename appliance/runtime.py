@@ -26,6 +26,7 @@ from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
 from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, attributes
 from appliance.ring import FrameRing, HostBuffer
+from appliance.scalars import ScalarRecords
 from appliance.statefile import PublishedRecord, restart_gap, state_directory
 from appliance.telemetry import Telemetry, status_line
 
@@ -47,6 +48,7 @@ class Appliance:
         self._server: Optional[Server] = None
         self._images: Dict[str, ImageRecord] = {}
         self._status: Optional[StatusRecord] = None
+        self._scalars: Optional[ScalarRecords] = None
         self._ring: Optional[FrameRing] = None
         self._pipeline: Optional[Pipeline] = None
         self._source: Optional[FrameSource] = None
@@ -78,6 +80,7 @@ class Appliance:
         self._server = Server()
         prefix = self.config.publish.prefix
         self._status = self._server.add_status(prefix + ":Status")
+        self._scalars = ScalarRecords(self._server, prefix, self.config.pipeline.ring_capacity)
         self._images[PHASE] = self._server.add_image(prefix + ":Phase")
         self._server.add_command(prefix + ":Control", self.command)
         if engine is None:
@@ -332,6 +335,7 @@ class Appliance:
             "detector_waiting_s": self._source.waiting_s() if self._source is not None else None,
             "detector_channels_created": self._source.channels_created if self._source is not None else 0,
             "restart_gap": self._restart_gap,
+            "pipeline_failure": self.failure() or "",
         }
 
     def _reported_state(self) -> str:
@@ -380,8 +384,13 @@ class Appliance:
         snapshot = self.telemetry.snapshot()
         snapshot["summary"] = status_line(snapshot)
         self._latest_status = snapshot
+        if self._scalars is not None:  # first: a client that sees this P:Status finds the scalars as current
+            try:
+                self._scalars.publish(snapshot, now_stamp())
+            except Exception as exc:  # a hiccup of the scalar PVs must not take the service down
+                log.warning("scalar PVs publish failed: %s", exc)
         if self._status is not None:
             try:
                 self._status.publish(snapshot)
-            except Exception as exc:  # a status hiccup must not take the service down
+            except Exception as exc:  # nor a status hiccup
                 log.warning("status publish failed: %s", exc)
