@@ -70,7 +70,7 @@ uninstall() {
     rm -f /etc/sysusers.d/$SERVICE.conf /etc/sysusers.d/$SERVICE-jtop.conf /etc/tmpfiles.d/$SERVICE.conf
     systemctl daemon-reload
     systemctl reset-failed "$SERVICE.service" "$SERVICE@*.service" 2>/dev/null || true
-    rm -rf "$VENV" "$PREFIX/doc"
+    rm -rf "$VENV" "$PREFIX/doc" "$PREFIX/share"
     rmdir "$PREFIX" 2>/dev/null || true
     if [ "$PURGE" -eq 1 ]; then
         say "purging $CONFIG_DIR, $STATE_DIR, user $USER_NAME and group $DEPLOY_GROUP"
@@ -192,6 +192,8 @@ python_environment() {
         "$STAGING${extras:+[$extras]}"
     install -d -m 0755 "$PREFIX/doc"
     install -m 0644 "$SRC"/docs/*.md "$PREFIX/doc/"
+    install -d -m 0755 "$PREFIX/share"
+    install -m 0644 "$SRC/systemd/ptychonn-edge.bob" "$PREFIX/share/"   # the Phoebus operator screen
 }
 
 configuration() {
