@@ -6,6 +6,7 @@ key is unknown, mistyped or impossible (see :mod:`appliance.schema`).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,17 @@ SUPPORTED_FRAME_DTYPES = (
     "float32", "float64",
 )
 _PV_NAME = re.compile(r"^[A-Za-z0-9_:.\-\[\]<>;{}$]+$")
+
+
+_USER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_pv_name(value: str) -> bool:
@@ -124,6 +136,12 @@ class PublishConfig:
     status_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
     latency_window: int = field(default=10000, metadata=check(lambda v: 10 <= v <= 10**6, "10..1000000"))
     state_directory: Optional[str] = None  # where the last published uniqueId is kept; default $STATE_DIRECTORY
+    control: bool = True  # serve P:Control (reset, rescan); false: no client can change the appliance's state
+    control_users: Tuple[str, ...] = field(
+        default=(), metadata=check(lambda v: all(_USER_NAME.match(u) for u in v), "login names ([A-Za-z0-9._-])"))
+    control_hosts: Tuple[str, ...] = field(
+        default=(), metadata=check(lambda v: all(_is_ipv4(h) for h in v), "IPv4 addresses (pvAccess matches the "
+                                   "client's address, not its name)"))
 
 
 PIXEL_SIZE_M = check(lambda v: 1e-12 <= v <= 1e-2, "1e-12..0.01 (metres)")

@@ -209,30 +209,36 @@ def attributes(values: Mapping[str, Any]) -> Sequence[Dict[str, Any]]:
     return entries
 
 
-# Access security for our records: anyone may read; only P:Control takes writes. Without it a
-# pvDatabase record accepts any client's put (a fake frame reached viewers; a put to P:Status
-# overwrote it), and pvAccess applies the rules before a put reaches the record.
-_ACCESS_RULES = """ASG(DEFAULT) {
-    RULE(1, READ)
-}
-ASG(COMMANDS) {
-    RULE(1, READ)
-    RULE(1, WRITE)
-}
-"""
+# Access security for our records: anyone may read; only P:Control takes writes, from the users and
+# hosts the config allows. Without it a pvDatabase record accepts any client's put (a fake frame
+# reached viewers; a put to P:Status overwrote it). pvAccess applies the rules before a put reaches
+# the record: it matches a client's user name as the client reports it and its IP address.
+def access_rules(control_users: Sequence[str] = (), control_hosts: Sequence[str] = ()) -> str:
+    """The access-security file (EPICS ACF) for our records; with both lists, a listed user on a listed host."""
+    groups, members = "", []
+    if control_users:
+        groups += "UAG(controllers) {{{}}}\n".format(", ".join(control_users))
+        members.append("UAG(controllers)")
+    if control_hosts:
+        groups += "HAG(consoles) {{{}}}\n".format(", ".join(control_hosts))
+        members.append("HAG(consoles)")
+    who = " {{ {} }}".format(" ".join(members)) if members else ""
+    return groups + "ASG(DEFAULT) {\n    RULE(1, READ)\n}\nASG(COMMANDS) {\n    RULE(1, READ)\n    RULE(1, WRITE)" + who + "\n}\n"
 
 
-_access_security_loaded = threading.Event()
+_access_rules_loaded: List[str] = []  # the rules this process loaded; pvDatabase keeps one set per process
 
 
-def _init_access_security(server: Any) -> None:
-    """Load :data:`_ACCESS_RULES` once per process: the rules are process-wide in pvDatabase, and
-    reloading them under live channels (a test process makes many servers) is nothing it promises to survive."""
-    if _access_security_loaded.is_set():
+def _init_access_security(server: Any, rules: str) -> None:
+    """Load ``rules`` once per process: they are process-wide in pvDatabase, and reloading them under
+    live channels (a test process makes many servers) is nothing it promises to survive."""
+    if _access_rules_loaded:
+        if _access_rules_loaded[0] != rules:
+            raise RuntimeError("this process already serves other access rules: one appliance per process")
         return
-    _access_security_loaded.set()
+    _access_rules_loaded.append(rules)
     with tempfile.NamedTemporaryFile("w", suffix=".acf", delete=False) as handle:
-        handle.write(_ACCESS_RULES)
+        handle.write(rules)
     try:
         server.initAs(handle.name, "")
     finally:
@@ -240,11 +246,12 @@ def _init_access_security(server: Any) -> None:
 
 
 class Server:
-    """One PvaServer per process, holding this process's records; only command records are writable."""
+    """One PvaServer per process, holding this process's records; only command records are writable,
+    and those only by whom ``rules`` (see :func:`access_rules`) allows."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules: Optional[str] = None) -> None:
         self._server = _pvaccess().PvaServer()
-        _init_access_security(self._server)
+        _init_access_security(self._server, rules or access_rules())
         self.names: List[str] = []
 
     def add_image(self, name: str) -> "ImageRecord":

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from appliance.config import Config, load_config
+from appliance.config import Config, PublishConfig, load_config
 from appliance.cuda import device_info
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.autobuild import BuildSettings, EngineBuilds, default_cache_directory
@@ -24,7 +24,7 @@ from appliance.mosaic import Mosaic, make_window
 from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
-from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, attributes
+from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, access_rules, attributes
 from appliance.ring import FrameRing, HostBuffer
 from appliance.scalars import ScalarRecords
 from appliance.statefile import PublishedRecord, restart_gap, state_directory
@@ -77,12 +77,14 @@ class Appliance:
         if engine is None:
             engine = self._initial_engine()
         self._published_record = self._open_published_record()
-        self._server = Server()
-        prefix = self.config.publish.prefix
+        publish = self.config.publish
+        self._server = Server(access_rules(publish.control_users, publish.control_hosts))
+        prefix = publish.prefix
         self._status = self._server.add_status(prefix + ":Status")
         self._scalars = ScalarRecords(self._server, prefix, self.config.pipeline.ring_capacity)
         self._images[PHASE] = self._server.add_image(prefix + ":Phase")
-        self._server.add_command(prefix + ":Control", self.command)
+        if publish.control:
+            self._server.add_command(prefix + ":Control", self.command)
         if engine is None:
             self._state = "waiting for an engine in {}".format(self.config.engine.directory)
             log.warning("%s", self._state)
@@ -335,6 +337,7 @@ class Appliance:
             "detector_waiting_s": self._source.waiting_s() if self._source is not None else None,
             "detector_channels_created": self._source.channels_created if self._source is not None else 0,
             "restart_gap": self._restart_gap,
+            "control_access": control_access(self.config.publish),
             "pipeline_failure": self.failure() or "",
         }
 
@@ -394,3 +397,17 @@ class Appliance:
                 self._status.publish(snapshot)
             except Exception as exc:  # nor a status hiccup
                 log.warning("status publish failed: %s", exc)
+
+
+def control_access(publish: PublishConfig) -> str:
+    """Who may write P:Control, in words for P:Status (pvAccess refuses everyone else's puts)."""
+    if not publish.control:
+        return "off: no P:Control (publish.control is false)"
+    if not publish.control_users and not publish.control_hosts:
+        return "any client"
+    parts = []
+    if publish.control_users:
+        parts.append("users " + ", ".join(publish.control_users))
+    if publish.control_hosts:
+        parts.append("from " + ", ".join(publish.control_hosts))
+    return " ".join(parts)
