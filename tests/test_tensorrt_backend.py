@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import subprocess
+import queue
 import sys
 import threading
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from appliance import cuda
 from appliance.config import EngineConfig, PipelineConfig
 from appliance.engines import open_engine
 from appliance.engines.base import BatchSpec, EngineError, file_sha256
+from appliance.engines import build as build_module
 from appliance.engines import tensorrt as tensorrt_backend
 from appliance.engines.build import BuildError, BuildOptions, add_arguments, build_engine, main
 from appliance.engines.manifest import DlaPlan, load_manifest
@@ -563,6 +565,34 @@ def test_command_line(gpu, tmp_path, capsys):
     assert os.path.isfile(str(tmp_path / "m.engine")) and "wrote" in capsys.readouterr().out
     assert main(parser.parse_args([onnx, "--max-batch", "4", "--opt-batch", "5"])) == 1
     assert "need 1 <= opt (5) <= max (4)" in capsys.readouterr().err
+
+
+def test_a_tensorrt_10_build_reports_its_phases_and_steps(monkeypatch, tmp_path):
+    trt = fake_tensorrt.install_tensorrt(monkeypatch, fake_tensorrt.install_cuda(monkeypatch), "10.3.0.26")
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
+    said = []
+    build_engine(BuildOptions(onnx=onnx, output=str(tmp_path / "m.engine")), say=said.append)
+    steps = [line for line in said if line.startswith("Building engine")]
+    assert steps == ["Building engine: 2 steps", "Building engine: step 1 of 2 done", "Building engine: step 2 of 2 done"]
+    assert not any("Tactic selection" in line for line in said)  # nested phases: too many lines
+    assert trt.__version__ == "10.3.0.26"
+
+
+def test_a_tensorrt_8_5_build_says_it_is_still_going_until_it_ends(monkeypatch, tmp_path):
+    fake_tensorrt.install_tensorrt(monkeypatch, fake_tensorrt.install_cuda(monkeypatch), "8.5.2.2")
+    monkeypatch.setattr(build_module, "STILL_BUILDING_EVERY_S", 0.01)
+    gate = tmp_path / "let-the-build-finish"
+    monkeypatch.setenv(fake_tensorrt.BUILD_GATE_VARIABLE, str(gate))
+    onnx = affine_model(str(tmp_path / "m.onnx"), size=SIZE)
+    said = queue.Queue()
+    builder = threading.Thread(target=build_engine, args=(BuildOptions(onnx=onnx, output=str(tmp_path / "m.engine")),),
+                               kwargs={"say": said.put})
+    builder.start()
+    while not said.get(timeout=60).startswith("still building ("):  # the build is held at the gate meanwhile
+        pass
+    gate.touch()
+    builder.join(60)
+    assert not builder.is_alive() and os.path.exists(tmp_path / "m.engine")
 
 
 def test_build_script_is_a_thin_wrapper():

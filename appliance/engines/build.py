@@ -25,14 +25,16 @@ to the GPU engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -112,14 +114,15 @@ def build_engine(options: BuildOptions, say: Callable[[str], None] = print) -> s
         config = _config(trt, builder, options, tensor.name, dims, calibrator)
         say("building {} engine from {} on {} (TensorRT {}); this takes a while".format(
             options.precision, options.onnx, device, trt.__version__))
-        serialized = _build(builder, network, config, logger, calibrator, options.onnx, say)
+        serialized = _build(trt, builder, network, config, logger, calibrator, options.onnx, say)
         dla_serialized = None
         if options.dla_core is not None:
             dla_config = _config(trt, builder, options, tensor.name, dims, calibrator)
             _on_dla(trt, dla_config, options)
             say("building its DLA plan for DLA core {}{}".format(
                 options.dla_core, " with GPU fallback" if options.gpu_fallback else ""))
-            dla_serialized = _build(builder, network, dla_config, logger, calibrator, options.onnx + " for DLA", say)
+            dla_serialized = _build(trt, builder, network, dla_config, logger, calibrator, options.onnx + " for DLA",
+                                    say)
         manifest = _engine_manifest(options, source_manifest, trt, dims, quantization, calibrator, onnx_sha256)
     finally:
         if calibrator is not None:
@@ -150,11 +153,12 @@ def _on_dla(trt: Any, config: Any, options: BuildOptions) -> None:
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
 
-def _build(builder: Any, network: Any, config: Any, logger: Any, calibrator: Any, what: str,
+def _build(trt: Any, builder: Any, network: Any, config: Any, logger: Any, calibrator: Any, what: str,
            say: Callable[[str], None]) -> memoryview:
     started = time.monotonic()
     mark = logger.mark()
-    serialized = builder.build_serialized_network(network, config)
+    with _progress(trt, config, say):
+        serialized = builder.build_serialized_network(network, config)
     if calibrator is not None:
         calibrator.raise_failure()  # TensorRT took it for the end of the data: the scales would be wrong
     if serialized is None:
@@ -162,6 +166,67 @@ def _build(builder: Any, network: Any, config: Any, logger: Any, calibrator: Any
         raise BuildError("TensorRT could not build {}: {}".format(what, reason))
     say("built in {:.1f} s".format(time.monotonic() - started))
     return memoryview(serialized)
+
+
+# A build without TensorRT's progress monitor (before TensorRT 10) says this often that it goes on.
+STILL_BUILDING_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def _progress(trt: Any, config: Any, say: Callable[[str], None]) -> Iterator[None]:
+    """Progress while TensorRT builds (minutes on a Jetson): its phases and steps where TensorRT reports
+    them (IProgressMonitor, TensorRT 10), else the time so far, so nobody takes a build for a hang."""
+    if hasattr(trt, "IProgressMonitor"):
+        monitor = _phase_reporter(trt, say)
+        config.progress_monitor = monitor
+        try:
+            yield
+        finally:
+            config.progress_monitor = None  # TensorRT must not call back into it after the build
+        return
+    started, done = time.monotonic(), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(STILL_BUILDING_EVERY_S):
+            say("still building ({:.0f} s)".format(time.monotonic() - started))
+
+    ticker = threading.Thread(target=tick, name="build progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+
+
+def _phase_reporter(trt: Any, say: Callable[[str], None]) -> Any:
+    """An IProgressMonitor that reports the top-level phases and their steps (TensorRT calls it from
+    several threads; nested phases are too many lines to be useful)."""
+
+    class PhaseReporter(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._steps: Dict[str, int] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
+            if parent_phase is None:
+                with self._lock:
+                    self._steps[phase_name] = num_steps
+                say("{}: {} steps".format(phase_name, num_steps))
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with self._lock:
+                total = self._steps.get(phase_name)
+            if total is not None:
+                say("{}: step {} of {} done".format(phase_name, step + 1, total))
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self._lock:
+                self._steps.pop(phase_name, None)
+
+    return PhaseReporter()
 
 
 def _check_options(options: BuildOptions) -> None:

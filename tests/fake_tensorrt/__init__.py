@@ -81,6 +81,8 @@ def install_tensorrt(monkeypatch, cudart, version="8.5.2.2", dla_cores=0):
         del trt.ICudaEngine.get_profile_shape
         del trt.ICudaEngine.num_bindings
         del trt.IExecutionContext.execute_async_v2
+    if major < 10:
+        del trt.IProgressMonitor
     if (major, minor) < (8, 5):
         for attr in ("num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_shape", "get_tensor_dtype",
                      "get_tensor_profile_shape"):

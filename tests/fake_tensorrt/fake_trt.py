@@ -560,6 +560,7 @@ class IBuilderConfig:
         self.calibration_profile = None
         self.default_device_type = DeviceType.GPU
         self.DLA_core = -1
+        self.progress_monitor = None  # TensorRT 10: an IProgressMonitor told of the build's phases
 
     def set_flag(self, flag):
         self.flags.add(flag)
@@ -583,6 +584,13 @@ class IBuilderConfig:
 
 
 BUILD_GATE_VARIABLE = "FAKE_TENSORRT_BUILD_GATE"
+
+
+class IProgressMonitor:
+    """TensorRT 10's build progress interface (the fake of TensorRT 8.5 has none: see install_tensorrt)."""
+
+    def __init__(self):
+        pass
 
 
 def _wait_for_gate():
@@ -615,7 +623,18 @@ class Builder:
         return IOptimizationProfile()
 
     def build_serialized_network(self, network, config):
+        monitor = config.progress_monitor
+        if monitor is not None:  # as TensorRT 10 does: phases, nested ones with a parent, steps
+            monitor.phase_start("Building engine", None, 2)
+            monitor.phase_start("Tactic selection", "Building engine", 3)
+            for step in range(3):
+                monitor.step_complete("Tactic selection", step)
+            monitor.phase_finish("Tactic selection")
+            monitor.step_complete("Building engine", 0)
         _wait_for_gate()
+        if monitor is not None:
+            monitor.step_complete("Building engine", 1)
+            monitor.phase_finish("Building engine")
         logger = self.logger
         profiles = []
         for tensor in network.inputs:
