@@ -63,7 +63,7 @@ def _inspect_engine(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from appliance.status_view import format_status, read_status, snapshot
 
-    name = args.prefix + ":Status"
+    name = _status_pv(args)
     try:
         fields = read_status(name, args.timeout)
     except Exception as exc:  # pvapy and p4p raise their own types for timeouts and missing channels
@@ -80,7 +80,42 @@ def _status(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     from appliance.status_view import watch
 
-    return watch(args.prefix + ":Status", args.refresh)
+    return watch(_status_pv(args), args.refresh)
+
+
+def _verdict(args: argparse.Namespace) -> int:
+    from appliance.status_view import wait_for_verdict
+
+    code, message = wait_for_verdict(_status_pv(args), args.sha256.lower(), args.timeout)
+    print(message, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def _status_pv(args: argparse.Namespace) -> str:
+    """P:Status of the appliance asked for: --prefix, else this host's (its config and environment files)."""
+    from appliance.status_view import use_local_appliance
+
+    use_local_appliance(args.environment)
+    return (args.prefix or _local_prefix(args.config) or "PTYCHONN") + ":Status"
+
+
+def _local_prefix(config_path: str) -> Optional[str]:
+    from appliance.config import load_config
+
+    try:
+        return load_config(config_path).publish.prefix
+    except (OSError, ValueError):  # not on the device, or not readable by this user
+        return None
+
+
+def _add_appliance_arguments(parser: argparse.ArgumentParser) -> None:
+    from appliance.config import DEFAULT_CONFIG_PATH
+    from appliance.status_view import APPLIANCE_ENVIRONMENT
+
+    parser.add_argument("--prefix", help="PV prefix (publish.prefix; default: this host's appliance's, else PTYCHONN)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="this host's appliance config (for the prefix)")
+    parser.add_argument("--environment", default=APPLIANCE_ENVIRONMENT,
+                        help="this host's appliance EPICS settings, used when this shell sets no EPICS_PVA_*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,15 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_inspect_engine)
 
     status = commands.add_parser("status", help="read P:Status of a running appliance")
-    status.add_argument("--prefix", default="PTYCHONN", help="PV prefix (publish.prefix)")
+    _add_appliance_arguments(status)
     status.add_argument("--timeout", type=float, default=5.0)
     status.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     status.set_defaults(handler=_status)
 
     watch = commands.add_parser("watch", help="a live terminal page of a running appliance (q quits)")
-    watch.add_argument("--prefix", default="PTYCHONN", help="PV prefix (publish.prefix)")
+    _add_appliance_arguments(watch)
     watch.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
     watch.set_defaults(handler=_watch)
+
+    verdict = commands.add_parser("verdict", help="wait for what the appliance makes of a deployed file "
+                                  "(exit 0 accepted and serving, 1 rejected, 3 no verdict in time)")
+    verdict.add_argument("sha256", help="the deployed file's sha256")
+    _add_appliance_arguments(verdict)
+    verdict.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (validation takes a while)")
+    verdict.set_defaults(handler=_verdict)
 
     for name, module, needs in _EXTENSIONS:
         _add_extension(commands, name, module, needs)

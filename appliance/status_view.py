@@ -19,6 +19,52 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 # P:Status is published once a second; a page older than this says so.
 STALE_AFTER_S = 3.0
 _VERDICTS_SHOWN = 5
+# The service's EPICS settings (systemd's EnvironmentFile=): how a client on the same host reaches it.
+APPLIANCE_ENVIRONMENT = "/etc/ptychonn-edge/environment"
+EXIT_REJECTED = 1
+EXIT_NO_VERDICT = 3
+
+
+def read_environment_file(path: str) -> Dict[str, str]:
+    """NAME=value lines as systemd reads them (comments, blank lines and quotes allowed); {} if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read(1 << 16).splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    variables = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        name, value = line.split("=", 1)
+        variables[name.strip()] = value.strip().strip("\"'")
+    return variables
+
+
+def local_client_settings(service: Dict[str, str]) -> Dict[str, str]:
+    """The PVA client settings that find the appliance whose environment is ``service``, from this host.
+
+    The service's own search port and interface tell where it answers; its client
+    settings (which find the detector) are of no use here.
+    """
+    interfaces = [a for a in service.get("EPICS_PVAS_INTF_ADDR_LIST", "").split() if a != "0.0.0.0"]
+    address = interfaces[0] if interfaces else "127.0.0.1"
+    udp = service.get("EPICS_PVAS_BROADCAST_PORT") or service.get("EPICS_PVA_BROADCAST_PORT")
+    tcp = service.get("EPICS_PVAS_SERVER_PORT") or service.get("EPICS_PVA_SERVER_PORT")
+    settings = {"EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": address + (":" + udp if udp else "")}
+    if tcp:
+        settings["EPICS_PVA_NAME_SERVERS"] = "{}:{}".format(address, tcp)
+    return settings
+
+
+def use_local_appliance(environment_path: str = APPLIANCE_ENVIRONMENT) -> None:
+    """Find this host's appliance as its service is configured, unless this shell says otherwise:
+    a bare shell on the device (or over ssh) would otherwise search the whole network."""
+    service = read_environment_file(environment_path)
+    if not service or any(name.startswith("EPICS_PVA") for name in os.environ):
+        return
+    os.environ.update(local_client_settings(service))
 
 
 def _p4p_conf() -> Dict[str, str]:
@@ -48,7 +94,7 @@ class StatusFeed:
 
     def __init__(self, pv_name: str) -> None:
         self.pv_name = pv_name
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._latest: Optional[Dict[str, Any]] = None
         self._arrived = 0.0
         self._close: Callable[[], None] = self._subscribe()
@@ -77,6 +123,13 @@ class StatusFeed:
     def _arrive(self, fields: Dict[str, Any]) -> None:
         with self._lock:
             self._latest, self._arrived = fields, time.monotonic()
+            self._lock.notify_all()
+
+    def wait_for(self, done: Callable[[Dict[str, Any]], bool], timeout_s: float) -> Optional[Dict[str, Any]]:
+        """The first snapshot (the latest one included) for which ``done`` holds; None after ``timeout_s``."""
+        with self._lock:
+            held = self._lock.wait_for(lambda: self._latest is not None and done(snapshot(self._latest)), timeout_s)
+            return snapshot(self._latest) if held and self._latest is not None else None
 
     def latest(self) -> Tuple[Optional[Dict[str, Any]], float]:
         """(fields, seconds since they arrived); (None, 0.0) before the first update."""
@@ -180,6 +233,39 @@ def _jetson(status: Dict[str, Any]) -> str:
     parts = ["{} {}".format(label, form.format(status[key])) for label, key, form in figures
              if isinstance(status.get(key), (int, float)) and status[key] == status[key]]
     return "jetson:     " + (", ".join(parts) or "no figures")
+
+
+def verdict_of(status: Dict[str, Any], sha256: str) -> Optional[Tuple[int, str]]:
+    """(exit code, what to tell the person who deployed ``sha256``) once the appliance has judged it."""
+    judged = [v for v in status.get("engine_verdicts") or [] if v.get("sha256") == sha256]
+    if not judged:
+        return None
+    verdict = judged[-1]
+    if not verdict.get("accepted"):
+        return EXIT_REJECTED, "rejected: {}".format(verdict.get("reason") or "no reason given")
+    if status.get("engine_sha256") != sha256:
+        return None  # accepted; the swap shows in a later snapshot
+    return 0, "accepted and serving: {} [{}]".format(verdict.get("file"), status.get("engine_backend"))
+
+
+def wait_for_verdict(pv_name: str, sha256: str, timeout_s: float) -> Tuple[int, str]:
+    """What the appliance made of a deployed file, by its sha256, as P:Status reports it."""
+    feed = StatusFeed(pv_name)
+    try:
+        status = feed.wait_for(lambda s: verdict_of(s, sha256) is not None, timeout_s)
+        latest, _ = feed.latest()
+    finally:
+        feed.close()
+    outcome = verdict_of(status, sha256) if status is not None else None
+    if outcome is not None:
+        return outcome
+    if latest is None:
+        return EXIT_NO_VERDICT, "no answer from {} within {:.0f} s: is the service running?".format(pv_name, timeout_s)
+    last = snapshot(latest)
+    if any(v.get("sha256") == sha256 for v in last.get("engine_verdicts") or []):
+        return 0, "accepted, but {} serves (a newer file?)".format(last.get("engine_name") or "nothing")
+    return EXIT_NO_VERDICT, "no verdict within {:.0f} s (pending: {})".format(
+        timeout_s, ", ".join(last.get("engine_pending") or []) or "nothing")
 
 
 def watch(pv_name: str, refresh_s: float) -> int:

@@ -237,7 +237,9 @@ def deploy_first() -> Dict[str, Any]:
     options = "-o Port={} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null".format(
         params["ssh_port"])
     env = dict(os.environ, SSH_OPTIONS=options)
-    script = [params["checkout"] + "/scripts/deploy-engine.sh", "deployer@127.0.0.1", params["models"]["first"]]
+    # --no-wait: the service is not started yet, so nothing could judge the file (step "verdict" waits)
+    script = [params["checkout"] + "/scripts/deploy-engine.sh", "--no-wait", "deployer@127.0.0.1",
+              params["models"]["first"]]
     try:
         wait_until(lambda: sh("ssh", *options.split(), "deployer@127.0.0.1", "true")["rc"] == 0, 10, "sshd")
     except AssertionError:
@@ -250,6 +252,7 @@ def deploy_first() -> Dict[str, Any]:
         raise AssertionError("deploy-engine.sh failed ({}):\n{}".format(done.returncode, done.stdout))
     target = os.path.join(ENGINES, os.path.basename(params["models"]["first"]))
     info = os.stat(target)
+    params["ssh_options"] = options
     return {
         "sshd": sshd, "rc": done.returncode, "output": done.stdout,
         "mode": oct(info.st_mode & 0o777),
@@ -316,6 +319,20 @@ def sandbox() -> Dict[str, Any]:
         "video_gid": sh("getent", "group", "video")["output"].split(":")[2],
         "probe_run": run, "probe": probe, "main_process_namespace": in_namespace,
     }
+
+
+@step("verdict")
+def verdict() -> Dict[str, Any]:
+    """A broken model deployed with scripts/deploy-engine.sh: the deployer is told it was rejected, and why."""
+    if "ssh_options" not in params:
+        return {"skipped": "no sshd: step deploy did not run deploy-engine.sh"}
+    broken = "/srv/test-env/broken.onnx"
+    write(broken, open(params["models"]["second"], "rb").read()[:64].decode("latin-1"))
+    script = [params["checkout"] + "/scripts/deploy-engine.sh", "--timeout", "60", "deployer@127.0.0.1", broken]
+    done = subprocess.run(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                          env=dict(os.environ, SSH_OPTIONS=params["ssh_options"]), timeout=180)
+    os.unlink(os.path.join(ENGINES, "broken.onnx"))
+    return {"rc": done.returncode, "output": done.stdout, "after": show()}
 
 
 @step("reload")
@@ -443,6 +460,7 @@ def main() -> None:
     results["python"] = sys.version
     if install() and peers() and deploy_first() and start():
         sandbox()
+        verdict()
         reload()
         watchdog()
         crash()

@@ -282,6 +282,18 @@ def test_a_segfault_mid_scan_restarts_and_reports_exactly_the_frames_never_publi
     assert any(i >= gap["first_id"] for i in ids), (gap, ids[-5:])
 
 
+def test_a_deployer_is_told_that_a_broken_model_was_rejected_and_why(run):
+    verdict = _step(run, "verdict")
+    if "skipped" in verdict:
+        if os.environ.get("PTYCHONN_REQUIRE_SYSTEMD") == "1":
+            pytest.fail(verdict["skipped"])
+        pytest.skip(verdict["skipped"])
+    assert verdict["rc"] == 1, verdict["output"]  # read over PVA on the appliance, as the deploy group may
+    told = [line for line in verdict["output"].splitlines() if line.startswith("rejected: ")]
+    assert len(told) == 1 and "broken.onnx" in told[0], verdict["output"]
+    assert verdict["after"]["ActiveState"] == "active" and "first.onnx" in verdict["after"]["StatusText"]
+
+
 def test_a_deployed_onnx_model_is_built_by_a_sandboxed_child_and_swapped_in(run):
     built = _step(run, "autobuild")
     assert built["start"]["rc"] == 0, built
