@@ -240,7 +240,8 @@ class Pipeline:
                 log.error("%s [%d so far]", message, self._counters.dropped["publish"])
             return
         self._counters.published += 1
-        self._telemetry.latency.add(time.monotonic() - arrival)
+        now = time.monotonic()
+        self._telemetry.latency.add(now - arrival, now)
 
     def _fail_batch(self, engine: Engine, batch: Batch, error: str) -> None:
         self._counters.drop("engine", batch.size)

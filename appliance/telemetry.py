@@ -33,20 +33,29 @@ DROP_REASONS = (
 )
 
 
+# Latency figures of frames published longer ago than this describe a scan that has ended, not now.
+LATENCY_IDLE_S = 10.0
+
+
 class LatencyWindow:
     """The last N arrival-to-publish latencies, in seconds, in a fixed array."""
 
     def __init__(self, size: int) -> None:
         self._values = np.zeros(size, dtype=np.float64)
         self._count = 0
+        self._last_added = 0.0
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, now: float) -> None:
+        """One frame's latency, published at ``now`` (time.monotonic(): the caller has just read it)."""
         self._values[self._count % self._values.size] = seconds
         self._count += 1
+        self._last_added = now
 
     def percentiles(self) -> Dict[str, Optional[float]]:
+        """p50, p99 and max over the window; none while nothing was published for LATENCY_IDLE_S, so that
+        an idle appliance does not keep showing the last scan's figures as if they were current."""
         filled = self._values[: min(self._count, self._values.size)].copy()
-        if filled.size == 0:
+        if filled.size == 0 or time.monotonic() - self._last_added > LATENCY_IDLE_S:
             return {"p50_ms": None, "p99_ms": None, "max_ms": None}
         p50, p99 = np.percentile(filled, [50, 99])
         return {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "max_ms": float(filled.max()) * 1e3}

@@ -722,7 +722,8 @@ def stages(args: argparse.Namespace, model: str, ports: Dict[str, Dict[str, int]
             for index, meta in enumerate(batch.metas):
                 record.publish_frame(phase[index], meta)
                 telemetry.counters.published += 1
-                telemetry.latency.add(time.monotonic() - batch.arrivals[index])
+                now = time.monotonic()
+                telemetry.latency.add(now - batch.arrivals[index], now)
             ring.release(batch)
             done = time.perf_counter()
             if first > warm_up:

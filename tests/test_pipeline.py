@@ -21,7 +21,7 @@ from appliance.inflight import make_slots
 from appliance.ntndarray import FrameMeta
 from appliance.pipeline import Pipeline
 from appliance.ring import FrameRing
-from appliance.telemetry import Telemetry
+from appliance.telemetry import LATENCY_IDLE_S, LatencyWindow, Telemetry
 from harness import fill
 from onnx_models import affine_model
 
@@ -360,3 +360,12 @@ def test_a_batch_from_any_slot_of_an_aligned_ring_runs_correctly(monkeypatch, in
     slot.close()
     ring.close()
     assert cudart.live_allocations() == (0, 0)
+
+
+def test_latency_figures_describe_recent_frames_and_are_withdrawn_when_idle():
+    window = LatencyWindow(10)
+    assert window.percentiles()["p99_ms"] is None  # nothing published yet
+    window.add(0.002, time.monotonic())
+    assert window.percentiles()["p99_ms"] == pytest.approx(2.0)
+    window.add(0.003, time.monotonic() - LATENCY_IDLE_S - 1.0)  # the last frame was published long ago
+    assert window.percentiles() == {"p50_ms": None, "p99_ms": None, "max_ms": None}
