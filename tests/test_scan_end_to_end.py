@@ -7,7 +7,7 @@ from appliance import schema
 from appliance.demo import offline_mosaic
 from appliance.sim.detector import DetectorServer
 from appliance.sim.scan import ScanSimulation, SimulationConfig
-from appliance.sim.serve import prepare
+from appliance.sim.serve import computed_ahead, prepare
 from harness import ApplianceProcess, Collector, put_string, write_config
 from onnx_models import conv_model
 
@@ -69,3 +69,28 @@ def test_simulate_saves_a_scan_with_its_ground_truth(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "appliance.cli", "simulate", "--points", "0", "--save", str(out)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "scan.points: got 0 (int); expected 1..10000000" in bad.stderr
+
+
+class CountingSimulation(ScanSimulation):
+    """Counts the frames the physics has computed, to see how far ahead of the stream it runs."""
+
+    computed = 0
+
+    def frame_batch(self, indices):
+        frames = super().frame_batch(indices)
+        self.computed += len(indices)
+        return frames
+
+
+def test_simulate_streams_frames_computed_a_bounded_lead_ahead():
+    config = schema.load(SimulationConfig, {"scan": {"points": 400}, "seed": 3}, "test")
+    ahead = CountingSimulation(config)
+    stream = computed_ahead(ahead, rate_hz=20.0, lead_s=1.0)  # a lead of 20 frames
+    first = next(stream)
+    assert ahead.computed <= 20 + 64  # the first frame goes out long before the scan is computed (one chunk more)
+    received = [first] + list(stream)
+    expected = prepare(ScanSimulation(config))
+    assert len(received) == len(expected) == 400
+    for (image, position), (want, want_position) in zip(received, expected):
+        np.testing.assert_array_equal(image, want)
+        assert position == want_position
