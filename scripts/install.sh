@@ -71,6 +71,9 @@ uninstall() {
     systemctl daemon-reload
     systemctl reset-failed "$SERVICE.service" "$SERVICE@*.service" 2>/dev/null || true
     rm -rf "$VENV" "$PREFIX/doc" "$PREFIX/share"
+    if [ "$(readlink /usr/local/bin/ptychonn-edge 2>/dev/null)" = "$VENV/bin/ptychonn-edge" ]; then
+        rm -f /usr/local/bin/ptychonn-edge
+    fi
     rmdir "$PREFIX" 2>/dev/null || true
     if [ "$PURGE" -eq 1 ]; then
         say "purging $CONFIG_DIR, $STATE_DIR, user $USER_NAME and group $DEPLOY_GROUP"
@@ -190,10 +193,17 @@ python_environment() {
     # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS \
         "$STAGING${extras:+[$extras]}"
+    ln -sfn "$VENV/bin/ptychonn-edge" /usr/local/bin/ptychonn-edge  # status, watch, verdict for everyone
     install -d -m 0755 "$PREFIX/doc"
     install -m 0644 "$SRC"/docs/*.md "$PREFIX/doc/"
     install -d -m 0755 "$PREFIX/share"
     install -m 0644 "$SRC/systemd/ptychonn-edge.bob" "$PREFIX/share/"   # the Phoebus operator screen
+}
+
+# Still the example: its detector PV is pvapy's simulator's and it would search (and serve PTYCHONN:*)
+# on every interface, colliding with any other appliance on the network. Not started like that.
+configured() {
+    ! cmp -s "$SRC/systemd/config.example.yaml" "$CONFIG_DIR/config.yaml"
 }
 
 configuration() {
@@ -278,6 +288,11 @@ units() {
     install -m 0644 "$SRC/systemd/$SERVICE.service" "$SRC/systemd/$SERVICE@.service" "$UNIT_DIR/"
     gpu_device_dropins
     systemctl daemon-reload
+    if ! configured; then
+        say "not enabled or started: $CONFIG_DIR/config.yaml is still the example. Set detector.pv and" \
+            "publish.prefix (and EPICS_PVA_* in $CONFIG_DIR/environment), then: systemctl enable --now $SERVICE"
+        return 0
+    fi
     systemctl enable --quiet "$SERVICE.service"
     if [ "$START" -eq 1 ]; then
         say "(re)starting $SERVICE"

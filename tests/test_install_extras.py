@@ -74,3 +74,16 @@ def test_each_platform_extra_allows_a_cuda_python_that_fits_its_driver(extra):
 @pytest.mark.parametrize("extra", sorted(UNPINNED_PICK))
 def test_jetpack_extras_exclude_what_an_unpinned_pip_picks(extra):
     assert UNPINNED_PICK[extra] not in _allowed(extra)
+
+
+def test_the_installer_does_not_start_the_service_on_the_example_configuration(tmp_path):
+    example = open(os.path.join(ROOT, "systemd", "config.example.yaml")).read()
+    verdicts = {}
+    for name, text in (("example", example), ("edited", example.replace("13SIM1:Pva1:Image", "BL7:Eiger:Pva1:Image"))):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.yaml").write_text(text)
+        run = run_installer('CONFIG_DIR="$1"; if configured; then echo start; else echo wait; fi', str(directory))
+        assert run.returncode == 0, run.stderr
+        verdicts[name] = run.stdout.strip()
+    assert verdicts == {"example": "wait", "edited": "start"}
