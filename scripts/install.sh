@@ -200,6 +200,27 @@ python_environment() {
     install -m 0644 "$SRC/systemd/ptychonn-edge.bob" "$PREFIX/share/"   # the Phoebus operator screen
 }
 
+# Which backend serves here, said before the service starts: an install that cannot serve fails now.
+backend_check() {
+    local verdict
+    verdict=$("$VENV/bin/python" - <<'PYTHON'
+from appliance.engines.tensorrt import choose_backend
+backend, why = choose_backend("auto")
+usable = backend == "tensorrt"
+if not usable:
+    try:
+        import onnxruntime  # noqa: F401 (an install that is there but broken cannot serve either)
+        usable = True
+    except ImportError as exc:
+        why += "; onnxruntime: " + str(exc)
+print(("serves on " if usable else "CANNOT SERVE: ") + backend + " (" + why + ")")
+PYTHON
+    ) || die "the installed package does not import in $VENV"
+    say "backend: $verdict"
+    case "$verdict" in "CANNOT SERVE"*) die "no backend can serve models here: install the cpu extra (--extras cpu)" \
+        "or make TensorRT and CUDA usable" ;; esac
+}
+
 # Still the example: its detector PV is pvapy's simulator's and it would search (and serve PTYCHONN:*)
 # on every interface, colliding with any other appliance on the network. Not started like that.
 configured() {
@@ -316,6 +337,7 @@ main() {
     [ "$USE_APT" -eq 0 ] || os_packages
     users_and_directories
     python_environment
+    backend_check
     configuration
     shipped_engines
     units

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -87,3 +88,30 @@ def test_the_installer_does_not_start_the_service_on_the_example_configuration(t
         assert run.returncode == 0, run.stderr
         verdicts[name] = run.stdout.strip()
     assert verdicts == {"example": "wait", "edited": "start"}
+
+
+def _venv_without(tmp_path, module: str) -> str:
+    """A stand-in venv whose python is this one, with ``module`` failing to import as if not installed."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(parents=True)
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Uninstalled:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == {!r}:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Uninstalled())\n".format(module))
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\nPYTHONPATH={}:{} exec {} "$@"\n'.format(blocker, ROOT, sys.executable))
+    python.chmod(0o755)
+    return str(tmp_path / "venv")
+
+
+def test_an_install_where_no_backend_can_serve_fails_and_says_why(tmp_path):
+    served = run_installer('VENV="$1"; backend_check', _venv_without(tmp_path / "with", "no_such_module"))
+    assert served.returncode == 0 and "backend: serves on onnxruntime" in served.stderr + served.stdout
+    starved = run_installer('VENV="$1"; backend_check', _venv_without(tmp_path / "without", "onnxruntime"))
+    assert starved.returncode != 0
+    said = starved.stderr + starved.stdout
+    assert "CANNOT SERVE: onnxruntime" in said and "install the cpu extra" in said
