@@ -5,8 +5,9 @@
 # checkout; running it again upgrades in place and changes nothing else. See
 # docs/deploy.md for what it does and why.
 #
-#   sudo scripts/install.sh                  install, enable, (re)start
+#   sudo scripts/install.sh                  install; enable and (re)start once configured
 #   sudo scripts/install.sh --no-start       install and enable only
+#   sudo scripts/install.sh --wheels DIR     install offline, from scripts/wheelhouse.sh's DIR
 #   sudo scripts/install.sh --uninstall      remove the service, venv and units; keep config and state
 #   sudo scripts/install.sh --uninstall --purge   also remove config, state, engines, user and groups
 #
@@ -15,13 +16,15 @@
 #   --extras LIST    pip extras, comma separated (default: picked from the machine: jetson5
 #                    or jetson6 on a Jetson, cuda11/cuda12/cuda13 for the NVIDIA driver where
 #                    the OS's python3 has TensorRT, "cpu" (ONNX Runtime) where it has not)
-#   --pip-args ARGS  extra pip arguments, e.g. "--no-index --find-links /media/wheels"
+#   --wheels DIR     install from this wheelhouse only (no index): see scripts/wheelhouse.sh
+#   --pip-args ARGS  extra pip arguments
 #   --no-apt         do not install python3-venv / python3-systemd with apt-get
 set -euo pipefail
 
 PREFIX=/opt/ptychonn-edge
 EXTRAS=auto
 PIP_ARGS=""
+WHEELS=""
 USE_APT=1
 START=1
 UNINSTALL=0
@@ -46,6 +49,7 @@ parse_arguments() {
             --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
             --extras) EXTRAS=${2?--extras needs a list}; shift ;;
             --pip-args) PIP_ARGS=${2?--pip-args needs arguments}; shift ;;
+            --wheels) WHEELS=${2:?--wheels needs a directory}; shift ;;
             --no-apt) USE_APT=0 ;;
             --no-start) START=0 ;;
             --uninstall) UNINSTALL=1 ;;
@@ -168,6 +172,39 @@ platform_extras() {
     fi
 }
 
+checkout_install() {
+    # Build from a copy: pip's in-tree build would leave root-owned build/ and
+    # *.egg-info directories in the checkout.
+    local extras=$1
+    STAGING=$(mktemp -d)
+    trap 'rm -rf "$STAGING"' EXIT
+    tar -C "$SRC" --exclude=.git --exclude=build --exclude=dist --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=.venv -cf - . | tar -C "$STAGING" -xf -
+    say "installing ptychonn-edge${extras:+[$extras]} into $VENV"
+    # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS \
+        "$STAGING${extras:+[$extras]}"
+}
+
+wheels_install() {
+    # Offline: nothing is built (JetPack 5's setuptools could not build the package), and pip
+    # first replaces itself from the wheelhouse (pip 20.0 does not know manylinux_2_x wheels).
+    local extras=$1 wheel
+    [ -d "$WHEELS" ] || die "--wheels $WHEELS is not a directory (make one with scripts/wheelhouse.sh)"
+    wheel=$(ls "$WHEELS"/ptychonn_edge-*.whl 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$wheel" ] || die "$WHEELS has no ptychonn_edge wheel: make it with scripts/wheelhouse.sh"
+    say "installing $(basename "$wheel")${extras:+[$extras]} into $VENV from $WHEELS (offline)"
+    # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" \
+        $PIP_ARGS --upgrade pip
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" \
+        $PIP_ARGS --force-reinstall --no-deps "$wheel"
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" \
+        $PIP_ARGS "$wheel${extras:+[$extras]}"
+}
+
 python_environment() {
     local python=/usr/bin/python3 extras=$EXTRAS tensorrt=0 driver machine
     if [ "$extras" = auto ]; then
@@ -183,16 +220,11 @@ python_environment() {
         say "creating $VENV (with the system site packages)"
         "$python" -m venv --system-site-packages "$VENV"
     fi
-    # Build from a copy: pip's in-tree build would leave root-owned build/ and
-    # *.egg-info directories in the checkout.
-    STAGING=$(mktemp -d)
-    trap 'rm -rf "$STAGING"' EXIT
-    tar -C "$SRC" --exclude=.git --exclude=build --exclude=dist --exclude='*.egg-info' \
-        --exclude=__pycache__ --exclude=.venv -cf - . | tar -C "$STAGING" -xf -
-    say "installing ptychonn-edge${extras:+[$extras]} into $VENV"
-    # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS \
-        "$STAGING${extras:+[$extras]}"
+    if [ -n "$WHEELS" ]; then
+        wheels_install "$extras"
+    else
+        checkout_install "$extras"
+    fi
     ln -sfn "$VENV/bin/ptychonn-edge" /usr/local/bin/ptychonn-edge  # status, watch, verdict for everyone
     install -d -m 0755 "$PREFIX/doc"
     install -m 0644 "$SRC"/docs/*.md "$PREFIX/doc/"
