@@ -225,7 +225,9 @@ python_environment() {
     else
         checkout_install "$extras"
     fi
-    ln -sfn "$VENV/bin/ptychonn-edge" /usr/local/bin/ptychonn-edge  # status, watch, verdict for everyone
+    # status, watch and verdict on everyone's PATH (a read-only /usr, as in an image-based OS, keeps them in the venv)
+    ln -sfn "$VENV/bin/ptychonn-edge" /usr/local/bin/ptychonn-edge 2>/dev/null ||
+        say "note: cannot link /usr/local/bin/ptychonn-edge; the command is $VENV/bin/ptychonn-edge"
     install -d -m 0755 "$PREFIX/doc"
     install -m 0644 "$SRC"/docs/*.md "$PREFIX/doc/"
     install -d -m 0755 "$PREFIX/share"

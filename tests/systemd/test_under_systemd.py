@@ -116,6 +116,7 @@ def run(tmp_path_factory) -> Dict[str, Any]:
     command = [
         "timeout", str(BOOT_TIMEOUT_S), "systemd-nspawn", "--quiet", "--keep-unit", "--register=no",
         "--volatile=yes", "--directory=/", "--machine=ptychonn-test-{}".format(os.getpid()),
+        "--private-network",  # loopback only: nothing started in there can search or serve beyond 127.0.0.1
         "--bind-ro={0}:{0}".format(ROOT), "--bind-ro={}:/srv/venv".format(sys.prefix),
         "--bind-ro={}:/srv/test".format(work), "--bind={}:/srv/results".format(results),
         "--bind-ro={}:/etc/systemd/system/ptychonn-test-driver.service".format(driver_unit),
@@ -164,6 +165,10 @@ def test_install_is_idempotent_and_sets_up_users_and_directories(run):
     service_gid = int(install["id"].split("gid=")[1].split("(")[0])
     assert ["group", service_gid, 5] in install["engines_acl"]["default"]  # r-x for files deployed later
     assert install["config_kept"]
+
+
+def test_the_container_has_no_network_but_its_loopback(run):
+    assert _step(run, "install")["network_interfaces"] == ["lo"]
 
 
 def test_installed_units_verify_clean_and_score_at_most_2(run):
