@@ -2,8 +2,8 @@
 """Measure a phase model on a simulated scan: per-patch and stitched accuracy against the truth.
 
 Runs the model through the appliance's own engine loader (ONNX Runtime), so
-what is measured is what the appliance serves. Needs numpy and onnxruntime
-only.
+what is measured is what the appliance serves. Needs numpy, onnxruntime and
+tqdm (the progress bars, shown on a terminal only).
 
     python scripts/evaluate_ptychonn.py --model engines/ptychonn-small.onnx --frame-size 516
 """
@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Dict, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,7 +37,8 @@ TEST_SEED = 12345  # the scan the shipped model's figures in docs/model.md refer
 def infer(model_path: str, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
     engine = open_engine(model_path, dynamic_batch=batch, cpu_threads=1)
     try:
-        return np.concatenate([engine.run(inputs[i : i + batch])["phase"] for i in range(0, len(inputs), batch)])
+        starts = tqdm(range(0, len(inputs), batch), desc="inference", unit="batch", disable=None)
+        return np.concatenate([engine.run(inputs[i : i + batch])["phase"] for i in starts])
     finally:
         engine.close()
 
@@ -50,7 +52,8 @@ def evaluate_scan(model_path: str, sim: ScanSimulation) -> Tuple[Dict[str, float
     """
     indices = list(range(len(sim)))
     n = sim.config.patch_size
-    inputs = np.concatenate([model_input(sim.frame_batch(indices[i : i + 64]), n) for i in range(0, len(sim), 64)])
+    starts = tqdm(range(0, len(sim), 64), desc="simulating the scan", unit="batch", disable=None)
+    inputs = np.concatenate([model_input(sim.frame_batch(indices[i : i + 64]), n) for i in starts])
     phases = infer(model_path, inputs)
     truth = np.stack([sim.phase_patch(i) for i in indices])
     beam = beam_weight(sim.probe) > 0.1

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from appliance.sim import physics
 from appliance.sim.objects import etched_phase, transmission
@@ -53,6 +54,7 @@ def training_pairs(
     frames = np.empty((count, n, n), dtype=np.float32)
     labels = np.empty((count, n, n), dtype=np.float32)
     done = 0
+    progress = tqdm(total=count, desc="simulating pairs", unit="pair", disable=None)
     while done < count:
         phase = etched_phase((object_size, object_size), rng, max_phase)
         sample = transmission(phase, absorption_ratio)
@@ -70,7 +72,9 @@ def training_pairs(
             rows = slice(done + first, done + first + len(chunk))
             frames[rows] = model_input(recorded, n)
             labels[rows] = np.stack([phase[r : r + n, c : c + n] for r, c in chunk])
+            progress.update(len(chunk))
         done += take
+    progress.close()
     return frames, labels
 
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Dict, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -138,7 +139,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def log(message: str) -> None:
-    print("[{}] {}".format(time.strftime("%H:%M:%S"), message), flush=True)
+    tqdm.write("[{}] {}".format(time.strftime("%H:%M:%S"), message))  # above a progress bar, not through it
 
 
 def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray], weight: np.ndarray) -> Dict[str, float]:
@@ -157,6 +158,7 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
     start = time.time()
     step = 0
     epochs_done = 0
+    progress = tqdm(total=total_steps, desc="training", unit="step", disable=None)
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(frames), generator=generator)
@@ -171,6 +173,8 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
             schedule.step()
             running += float(loss.detach())
             step += 1
+            progress.update()
+            progress.set_postfix(epoch=epoch + 1, loss="{:.4f}".format(running / (b + 1)), refresh=False)
             if step % 100 == 0:
                 log("epoch {} step {}/{} loss {:.4f} ({:.0f} s)".format(epoch + 1, step, total_steps, running / (b + 1), time.time() - start))
             if time.time() - start > args.max_minutes * 60:
@@ -181,6 +185,7 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
         if time.time() - start > args.max_minutes * 60:
             log("stopping early: past --max-minutes")
             break
+    progress.close()
     return {"epochs": epochs_done, "steps": step, "train_seconds": time.time() - start}
 
 
