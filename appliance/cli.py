@@ -27,6 +27,13 @@ def _check_config(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.service:
+        from appliance.site_setup import unconfigured
+
+        problem = unconfigured(config, args.file)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return EXIT_BAD_INPUT
     sys.stdout.write(dump_config(config))
     return 0
 
@@ -128,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="print the effective config, or every error in it")
     check.add_argument("file")
+    check.add_argument("--service", action="store_true",
+                       help="also refuse what `run` refuses: the example's detector PV")
     check.set_defaults(handler=_check_config)
 
     inspect = commands.add_parser("inspect-engine", help="print what an engine file declares")
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTENSIONS = [
     ("build-engine", "appliance.engines.build", ()),
     ("simulate", "appliance.sim.serve", ()),
+    ("setup", "appliance.site_setup", ()),
     ("demo", "appliance.demo", (("matplotlib", "demo"),)),
 ]
 

@@ -30,6 +30,7 @@ from appliance import jetson_stats
 from appliance.config import Config, load_config
 from appliance.engines.base import first_line
 from appliance.runtime import Appliance
+from appliance.site_setup import unconfigured
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,11 @@ def serve(config_path: str) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot load configuration: %s", exc)
         notify("STATUS=bad configuration: " + first_line(exc))
+        return EXIT_CONFIG
+    problem = unconfigured(config, config_path)
+    if problem is not None:
+        log.error("not started: %s", problem)
+        notify("STATUS=not configured: detector.pv is the example's; run ptychonn-edge setup")
         return EXIT_CONFIG
     # Before start(): a stop request during a long start is served once it is done.
     signals = _Signals()

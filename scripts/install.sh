@@ -5,6 +5,8 @@
 # checkout; running it again upgrades in place and changes nothing else. See
 # docs/deploy.md for what it does and why.
 #
+#   sudo scripts/install.sh --detector-pv PV --pv-prefix P --interface IF
+#                                            install, configure (ptychonn-edge setup), enable and start
 #   sudo scripts/install.sh                  install; enable and (re)start once configured
 #   sudo scripts/install.sh --no-start       install and enable only
 #   sudo scripts/install.sh --wheels DIR     install offline, from scripts/wheelhouse.sh's DIR
@@ -19,6 +21,14 @@
 #   --wheels DIR     install from this wheelhouse only (no index): see scripts/wheelhouse.sh
 #   --pip-args ARGS  extra pip arguments
 #   --no-apt         do not install python3-venv / python3-systemd with apt-get
+#
+# Configuration (ptychonn-edge setup; without --detector-pv a new install is not started,
+# as the example's detector PV is refused):
+#   --detector-pv PV          the detector's NTNDArray PV (detector.pv)
+#   --pv-prefix P             this appliance's PV prefix (publish.prefix), unique on the network
+#   --interface IF            serve and search on this network interface only
+#   --address IP              serve on this IPv4 address only
+#   --detector-address HOST   search the detector there only (EPICS_PVA_ADDR_LIST)
 set -euo pipefail
 
 PREFIX=/opt/ptychonn-edge
@@ -27,6 +37,7 @@ PIP_ARGS=""
 WHEELS=""
 USE_APT=1
 START=1
+SETUP_ARGS=()
 UNINSTALL=0
 PURGE=0
 
@@ -51,6 +62,9 @@ parse_arguments() {
             --pip-args) PIP_ARGS=${2?--pip-args needs arguments}; shift ;;
             --wheels) WHEELS=${2:?--wheels needs a directory}; shift ;;
             --no-apt) USE_APT=0 ;;
+            --detector-pv|--pv-prefix|--interface|--address|--detector-address)
+                [ $# -ge 2 ] || die "$1 needs a value"
+                SETUP_ARGS+=("${1/#--pv-prefix/--prefix}" "$2"); shift ;;
             --no-start) START=0 ;;
             --uninstall) UNINSTALL=1 ;;
             --purge) PURGE=1 ;;
@@ -100,8 +114,12 @@ os_packages() {
     done
     if [ ${#missing[@]} -gt 0 ]; then
         command -v apt-get >/dev/null || die "missing ${missing[*]}; install them or use --no-apt"
-        say "installing ${missing[*]}"
-        apt-get install -y --no-install-recommends "${missing[@]}"
+        say "installing ${missing[*]} (apt-get update first: a fresh system has no package lists)"
+        apt-get update -qq || die "apt-get update failed (above): no network or mirror? Install ${missing[*]}" \
+            "from a local mirror or .deb files, then rerun with --no-apt"
+        apt-get install -y --no-install-recommends "${missing[@]}" || die "apt-get could not install" \
+            "${missing[*]} (above). Offline: copy their .deb files (apt-get download on a machine with the same" \
+            "OS release), dpkg -i them, then rerun with --no-apt"
     fi
 }
 
@@ -255,16 +273,21 @@ PYTHON
         "or make TensorRT and CUDA usable" ;; esac
 }
 
-# Still the example: its detector PV is pvapy's simulator's and it would search (and serve PTYCHONN:*)
-# on every interface, colliding with any other appliance on the network. Not started like that.
+# The example's detector PV is pvapy's simulator's: an appliance would search for it (and serve PTYCHONN:*)
+# on every interface, colliding with any other on the network. The appliance refuses it (exit 2); so
+# does this check, which is the appliance's own (check-config --service), so install does not start it.
 configured() {
-    ! cmp -s "$SRC/systemd/config.example.yaml" "$CONFIG_DIR/config.yaml"
+    "$VENV/bin/ptychonn-edge" check-config --service "$CONFIG_DIR/config.yaml" >/dev/null 2>&1
 }
 
 configuration() {
     if [ ! -e "$CONFIG_DIR/config.yaml" ]; then
         say "writing $CONFIG_DIR/config.yaml from systemd/config.example.yaml: edit detector.pv"
         install -m 0644 "$SRC/systemd/config.example.yaml" "$CONFIG_DIR/config.yaml"
+    fi
+    if [ ${#SETUP_ARGS[@]} -gt 0 ]; then
+        "$VENV/bin/ptychonn-edge" setup --config "$CONFIG_DIR/config.yaml" --environment "$CONFIG_DIR/environment" \
+            "${SETUP_ARGS[@]}" || die "not configured: ptychonn-edge setup refused the settings (above)"
     fi
     if ! "$VENV/bin/ptychonn-edge" check-config "$CONFIG_DIR/config.yaml" >/dev/null; then
         say "WARNING: $CONFIG_DIR/config.yaml is not valid (above); the service will not start until it is fixed"
@@ -344,8 +367,10 @@ units() {
     gpu_device_dropins
     systemctl daemon-reload
     if ! configured; then
-        say "not enabled or started: $CONFIG_DIR/config.yaml is still the example. Set detector.pv and" \
-            "publish.prefix (and EPICS_PVA_* in $CONFIG_DIR/environment), then: systemctl enable --now $SERVICE"
+        say "not enabled or started: $("$VENV/bin/ptychonn-edge" check-config --service "$CONFIG_DIR/config.yaml" 2>&1 \
+            >/dev/null | head -n 1). Configure it:" \
+            "ptychonn-edge setup --detector-pv PV --prefix P --interface IF (or rerun install.sh with" \
+            "--detector-pv, --pv-prefix, --interface), then: systemctl enable --now $SERVICE"
         return 0
     fi
     systemctl enable --quiet "$SERVICE.service"

@@ -104,13 +104,13 @@ def test_run_with_a_bad_config_exits_2_before_starting_anything(tmp_path, applia
 
 def test_run_with_a_bad_engine_path_exits_2(tmp_path, appliance_env):
     config = tmp_path / "c.yaml"
-    config.write_text("engine: {path: nowhere.onnx}\npublish: {prefix: BADENGINE}\n")
+    config.write_text("detector: {pv: BADENGINE:Det}\nengine: {path: nowhere.onnx}\npublish: {prefix: BADENGINE}\n")
     result = cli("run", "--config", str(config), env=appliance_env)
     assert result.returncode == 2
     assert "nowhere.onnx: cannot read: No such file or directory" in result.stderr
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00not a model" * 10)
-    config.write_text("engine: {path: junk.onnx}\npublish: {prefix: BADENGINE}\n")
+    config.write_text("detector: {pv: BADENGINE:Det}\nengine: {path: junk.onnx}\npublish: {prefix: BADENGINE}\n")
     result = cli("run", "--config", str(config), env=appliance_env)
     assert result.returncode == 2
     assert "junk.onnx: not a loadable ONNX model" in result.stderr

@@ -77,17 +77,47 @@ def test_jetpack_extras_exclude_what_an_unpinned_pip_picks(extra):
     assert UNPINNED_PICK[extra] not in _allowed(extra)
 
 
+def _venv_with_the_cli(tmp_path) -> str:
+    """A stand-in venv whose ptychonn-edge is this checkout's."""
+    command = tmp_path / "venv" / "bin" / "ptychonn-edge"
+    command.parent.mkdir(parents=True)
+    command.write_text('#!/bin/sh\nPYTHONPATH={} exec {} -m appliance.cli "$@"\n'.format(ROOT, sys.executable))
+    command.chmod(0o755)
+    return str(tmp_path / "venv")
+
+
 def test_the_installer_does_not_start_the_service_on_the_example_configuration(tmp_path):
     example = open(os.path.join(ROOT, "systemd", "config.example.yaml")).read()
+    venv = _venv_with_the_cli(tmp_path)
     verdicts = {}
-    for name, text in (("example", example), ("edited", example.replace("13SIM1:Pva1:Image", "BL7:Eiger:Pva1:Image"))):
+    edited = example.replace("13SIM1:Pva1:Image", "BL7:Eiger:Pva1:Image")
+    omitted = example.replace("pv: 13SIM1:Pva1:Image", "")  # the default is the example's too
+    for name, text in (("example", example), ("edited", edited), ("omitted", omitted)):
         directory = tmp_path / name
         directory.mkdir()
         (directory / "config.yaml").write_text(text)
-        run = run_installer('CONFIG_DIR="$1"; if configured; then echo start; else echo wait; fi', str(directory))
+        run = run_installer('VENV="$1"; CONFIG_DIR="$2"; if configured; then echo start; else echo wait; fi',
+                            venv, str(directory))
         assert run.returncode == 0, run.stderr
         verdicts[name] = run.stdout.strip()
-    assert verdicts == {"example": "wait", "edited": "start"}
+    assert verdicts == {"example": "wait", "edited": "start", "omitted": "wait"}
+
+
+def test_the_installer_configures_with_setup_from_its_flags(tmp_path):
+    venv, directory = _venv_with_the_cli(tmp_path), tmp_path / "etc"
+    directory.mkdir()
+    flags = ["--detector-pv", "BL7:Eiger:Pva1:Image", "--pv-prefix", "BL7:NN", "--interface", "lo"]
+    run = run_installer('parse_arguments "${@:4}"; VENV="$1"; CONFIG_DIR="$2"; SRC="$3"; configuration; '
+                        'configured && echo start', venv, str(directory), ROOT, *flags)
+    assert run.returncode == 0 and run.stdout.strip().endswith("start"), run.stdout + run.stderr
+    from appliance.config import load_config
+
+    config = load_config(str(directory / "config.yaml"))
+    assert (config.detector.pv, config.publish.prefix) == ("BL7:Eiger:Pva1:Image", "BL7:NN")
+    assert "EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1" in (directory / "environment").read_text()
+    refused = run_installer('parse_arguments "${@:4}"; VENV="$1"; CONFIG_DIR="$2"; SRC="$3"; configuration',
+                            venv, str(directory), ROOT, "--pv-prefix", "has space")
+    assert refused.returncode != 0 and "setup refused" in refused.stderr and "publish.prefix" in refused.stderr
 
 
 def _venv_without(tmp_path, module: str) -> str:
@@ -115,3 +145,29 @@ def test_an_install_where_no_backend_can_serve_fails_and_says_why(tmp_path):
     assert starved.returncode != 0
     said = starved.stderr + starved.stdout
     assert "CANNOT SERVE: onnxruntime" in said and "install the cpu extra" in said
+
+
+def _fake_apt(tmp_path, update_fails: bool) -> str:
+    """dpkg saying nothing is installed, and an apt-get that logs its calls (its update failing or not)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "apt-get").write_text('#!/bin/sh\necho "$*" >> {}\n[ "$1" != update ] || exit {}\n'.format(
+        tmp_path / "apt.log", 100 if update_fails else 0))
+    for tool in ("dpkg", "apt-get"):
+        (bin_dir / tool).chmod(0o755)
+    return str(bin_dir)
+
+
+def test_the_installer_updates_the_package_lists_before_installing(tmp_path):
+    run = run_installer('PATH="$1:$PATH"; os_packages', _fake_apt(tmp_path, update_fails=False))
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "apt.log").read_text().splitlines()
+    assert calls == ["update -qq", "install -y --no-install-recommends python3-venv python3-systemd"]
+
+
+def test_a_failed_apt_update_stops_the_install_with_what_to_do_offline(tmp_path):
+    run = run_installer('PATH="$1:$PATH"; os_packages', _fake_apt(tmp_path, update_fails=True))
+    assert run.returncode != 0
+    assert "apt-get update failed" in run.stderr and "--no-apt" in run.stderr, run.stderr
+    assert (tmp_path / "apt.log").read_text().splitlines() == ["update -qq"]  # nothing installed from stale lists
