@@ -165,6 +165,7 @@ def format_status(status: Dict[str, Any]) -> str:
             status.get("received"), status.get("published"), status.get("dropped_total")),
         "upstream:   {} missing (gaps in uniqueId), {} server queue overruns".format(
             status.get("missing_upstream"), status.get("upstream_overruns")),
+        _restart(status),
         "drops:      {}".format(drops),
         "rates:      in {:.1f} Hz, out {:.1f} Hz".format(status.get("rate_in_hz", 0.0), status.get("rate_out_hz", 0.0)),
         "latency:    p50 {}, p99 {}, max {}".format(ms(latency.get("p50_ms")), ms(latency.get("p99_ms")), ms(latency.get("max_ms"))),
@@ -179,6 +180,18 @@ def format_status(status: Dict[str, Any]) -> str:
     for error in status.get("recent_errors") or []:
         lines.append("last error: {}".format(error))
     return "\n".join(lines)
+
+
+def _restart(status: Dict[str, Any]) -> str:
+    """What the previous run lost at its end (a crash or kill -9): ``missing`` counts only this run's gaps."""
+    gap = status.get("restart_gap")
+    if not isinstance(gap, dict):
+        return "restart:    - (no previous run recorded, or nothing published yet)"
+    if gap.get("frames_lost") is None:
+        return "restart:    new acquisition (first uniqueId {} after the previous run's {})".format(
+            gap.get("first_id"), gap.get("previous_last_id"))
+    return "restart:    {} frames lost (the previous run last published uniqueId {}, this one first {})".format(
+        gap["frames_lost"], gap.get("previous_last_id"), gap.get("first_id"))
 
 
 def _queue(status: Dict[str, Any]) -> str:

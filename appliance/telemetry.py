@@ -139,13 +139,21 @@ def status_line(snapshot: Dict[str, object]) -> str:
     prefix = "{}; ".format(state) if state and state != "serving" else ""
     build = snapshot.get("engine_build")
     suffix = "; {}".format(build) if build and build != "idle" else ""  # minutes on a Jetson: say so
-    return prefix + "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}, engine {}{}".format(
+    return prefix + "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}{}, engine {}{}".format(
         snapshot["rate_in_hz"],
         snapshot["rate_out_hz"],
         "{:.1f} ms".format(p99) if p99 is not None else "-",
         snapshot["published"],
         snapshot["dropped_total"],
         snapshot["missing_upstream"],
+        "" if restart_loss(snapshot) is None else ", lost at restart {}".format(restart_loss(snapshot)),
         snapshot.get("engine_name") or "none",
         suffix,
     )
+
+
+def restart_loss(snapshot: Dict[str, object]) -> Optional[int]:
+    """Frames the previous run never published (a crash, kill -9): not in this run's ``missing``
+    (gaps this run saw), so said beside it; None after a first start or a new acquisition."""
+    gap = snapshot.get("restart_gap")
+    return gap.get("frames_lost") if isinstance(gap, dict) else None

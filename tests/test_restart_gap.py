@@ -10,6 +10,7 @@ import numpy as np
 
 from appliance.sim.detector import DetectorServer
 from appliance.sim.process import StatusWatch
+from appliance.status_view import format_status
 from harness import Collector, write_config
 from onnx_models import affine_model
 
@@ -56,6 +57,11 @@ def test_after_a_segfault_the_restart_reports_exactly_the_frames_never_published
     assert first_id >= 30  # 21..29 were sent while no appliance ran
     assert gap == {"previous_last_id": 20, "first_id": first_id, "frames_lost": first_id - 21}
     assert all(unique_id >= first_id for unique_id in seen[20:])
+    # Said where operators look, not only in --json: systemctl status's line and `ptychonn-edge status`.
+    snapshot = json.loads(status["json"])
+    assert ", lost at restart {},".format(first_id - 21) in snapshot["summary"], snapshot["summary"]
+    assert "restart:    {} frames lost (the previous run last published uniqueId 20, this one first {})".format(
+        first_id - 21, first_id) in format_status(snapshot)
 
 
 def test_a_first_start_reports_no_gap(tmp_path, names, detector, launch):
@@ -64,6 +70,7 @@ def test_a_first_start_reports_no_gap(tmp_path, names, detector, launch):
     status = app.wait_counts(published=3)
     assert app.stop() == 0, app.output
     assert json.loads(status["json"])["restart_gap"] is None
+    assert "lost at restart" not in json.loads(status["json"])["summary"]
 
 
 def test_a_monitor_sees_the_final_status_after_sigterm(tmp_path, names, detector, launch):
