@@ -17,7 +17,7 @@
 #   --prefix DIR     where the venv and docs go (default /opt/ptychonn-edge; the units expect it)
 #   --extras LIST    pip extras, comma separated (default: picked from the machine: jetson5
 #                    or jetson6 on a Jetson, cuda11/cuda12/cuda13 for the NVIDIA driver where
-#                    the OS's python3 has TensorRT, "cpu" (ONNX Runtime) where it has not)
+#                    the OS's python3 has TensorRT; always "cpu", ONNX Runtime, the fallback)
 #   --wheels DIR     install from this wheelhouse only (no index): see scripts/wheelhouse.sh
 #   --pip-args ARGS  extra pip arguments
 #   --no-apt         do not install python3-venv / python3-systemd with apt-get
@@ -173,7 +173,8 @@ nvidia_driver_version() {
 platform_extras() {
     # $1: Jetson Linux's release file (absent elsewhere), $2: the NVIDIA driver version or "",
     # $3: 1 when the OS python imports tensorrt. A Jetson gets its JetPack's extra, another
-    # TensorRT machine the one for its driver; "cpu" (ONNX Runtime) wherever TensorRT cannot serve.
+    # TensorRT machine the one for its driver; every machine "cpu" (ONNX Runtime), so that a TensorRT
+    # that imports but cannot serve (a CUDA it does not fit, a stand-in) still serves, on the CPU.
     local release_file=$1 driver=$2 tensorrt=$3 platform="" release
     if [ -e "$release_file" ]; then
         release=$(l4t_major_release "$release_file")
@@ -183,24 +184,37 @@ platform_extras() {
     elif [ "$tensorrt" = 1 ]; then
         platform=$(cuda_extra_for_driver "$driver")
     fi
-    if [ "$tensorrt" = 1 ] && [ -n "$platform" ]; then
-        echo "$platform"
-    else
-        echo "${platform:+$platform,}cpu"
-    fi
+    echo "${platform:+$platform,}cpu"
+}
+
+# The pinned versions for this machine (constraints/PLATFORM.txt, as scripts/wheelhouse.sh uses them):
+# devices installed on different days get the same. Nothing for a platform without a file.
+constraints_file() {
+    local extras=$1 platform
+    case ",$extras," in
+        *,jetson5,*) platform=jetson5 ;;
+        *,jetson6,*) platform=jetson6 ;;
+        *) platform=$(uname -m) ;;
+    esac
+    [ ! -e "$SRC/constraints/$platform.txt" ] || echo "$SRC/constraints/$platform.txt"
 }
 
 checkout_install() {
     # Build from a copy: pip's in-tree build would leave root-owned build/ and
     # *.egg-info directories in the checkout.
-    local extras=$1
+    local extras=$1 constraints pins=()
+    constraints=$(constraints_file "$extras")
+    if [ -n "$constraints" ]; then
+        pins=(--constraint "$constraints")
+        say "versions pinned by ${constraints#"$SRC"/} (for its Python; others resolve unpinned)"
+    fi
     STAGING=$(mktemp -d)
     trap 'rm -rf "$STAGING"' EXIT
     tar -C "$SRC" --exclude=.git --exclude=build --exclude=dist --exclude='*.egg-info' \
         --exclude=__pycache__ --exclude=.venv -cf - . | tar -C "$STAGING" -xf -
     say "installing ptychonn-edge${extras:+[$extras]} into $VENV"
     # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS \
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ${pins[@]+"${pins[@]}"} $PIP_ARGS \
         "$STAGING${extras:+[$extras]}"
 }
 

@@ -35,12 +35,13 @@ def _extras(tmp_path, jetpack: str, driver: str, tensorrt: bool):
 
 
 @pytest.mark.parametrize("jetpack, driver, tensorrt, extras", [
-    ("JetPack 5.1.1", "", True, "jetson5"),
-    ("JetPack 6.2", "540.4.0", True, "jetson6"),
-    ("JetPack 6.2", "540.4.0", False, "jetson6,cpu"),  # without TensorRT it must serve on ONNX Runtime
-    ("", "580.65.06", True, "cuda13"),
-    ("", "535.183.01", True, "cuda12"),
-    ("", "470.256.02", True, "cuda11"),
+    # ONNX Runtime everywhere: a TensorRT that imports but cannot serve still serves, on the CPU
+    ("JetPack 5.1.1", "", True, "jetson5,cpu"),
+    ("JetPack 6.2", "540.4.0", True, "jetson6,cpu"),
+    ("JetPack 6.2", "540.4.0", False, "jetson6,cpu"),
+    ("", "580.65.06", True, "cuda13,cpu"),
+    ("", "535.183.01", True, "cuda12,cpu"),
+    ("", "470.256.02", True, "cuda11,cpu"),
     ("", "", True, "cpu"),  # TensorRT but no driver
     ("", "535.183.01", False, "cpu"),
 ])
@@ -171,3 +172,20 @@ def test_a_failed_apt_update_stops_the_install_with_what_to_do_offline(tmp_path)
     assert run.returncode != 0
     assert "apt-get update failed" in run.stderr and "--no-apt" in run.stderr, run.stderr
     assert (tmp_path / "apt.log").read_text().splitlines() == ["update -qq"]  # nothing installed from stale lists
+
+
+@pytest.mark.parametrize("extras, platform", [("jetson5,cpu", "jetson5"), ("jetson6,cpu", "jetson6"),
+                                              ("cpu", os.uname().machine)])
+def test_the_installer_pins_the_versions_of_the_platform_it_installs_for(extras, platform):
+    found = run_installer('constraints_file "$1"', extras)
+    expected = os.path.join(ROOT, "constraints", platform + ".txt")
+    assert found.stdout.strip() == (expected if os.path.exists(expected) else ""), found.stderr
+
+
+def test_each_constraints_file_pins_every_runtime_dependency_for_its_python():
+    """.ci/check_offline_install.sh downloads with them (a pin that does not resolve fails there)."""
+    for name, python in (("jetson5", "3.8"), ("jetson6", "3.10")):
+        lines = [line for line in open(os.path.join(ROOT, "constraints", name + ".txt")) if not line.startswith("#")]
+        pinned = {line.split("==")[0] for line in lines}
+        assert {"numpy", "pvapy", "onnxruntime", "cuda-python", "jetson-stats", "pyyaml", "lz4", "blosc"} <= pinned
+        assert all(line.rstrip().endswith('; python_version == "{}"'.format(python)) for line in lines), name
