@@ -86,7 +86,7 @@ def configured_text(path: str, detector_pv: Optional[str], prefix: Optional[str]
         data.setdefault("detector", {})["pv"] = detector_pv
     if prefix is not None:
         data.setdefault("publish", {})["prefix"] = prefix
-    text = HEADER.format(path=path) + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    text = HEADER.format(path=path) + yaml.safe_dump(data, sort_keys=False)
     problem = unconfigured(parse_config(text, path), path)
     if problem is not None:
         raise ValueError(problem)

@@ -160,26 +160,44 @@ def save() -> None:
 # -- steps -------------------------------------------------------------------------------
 @step("install")
 def install() -> Dict[str, Any]:
-    """scripts/install.sh as on a device, with the test's config, environment and a drop-in in place.
+    """scripts/install.sh as on a device; the test's EPICS environment (its loopback ports) and a drop-in in place.
 
-    The venv it finds already there sees the host venv's packages, so pip needs no
-    index; the drop-in only shortens the watchdog and restart delays.
+    With a wheelhouse (PTYCHONN_WHEELHOUSE on the host; CI makes one with scripts/wheelhouse.sh), the
+    documented offline path: ``install.sh --wheels DIR --detector-pv PV --pv-prefix P``, with a stand-in
+    ``tensorrt`` importable by the OS python and no CUDA, which must end serving on ONNX Runtime and say
+    so. Without one, the venv borrows the host venv's packages, so pip needs no index. The drop-in only
+    shortens the watchdog and restart delays.
     """
-    sh("python3", "-m", "venv", "--system-site-packages", VENV)
-    site = sh(VENV + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")["output"].strip()
-    write(site + "/ptychonn-test-deps.pth", "import site; site.addsitedir({!r})\n".format(params["site_packages"]))
-    write(CONFIG_DIR + "/config.yaml", params["config"])
     env = dict(params["env"]["appliance"], PTYCHONN_EDGE_TEST_HANG_FILE=HANG_FILE)
     write_env(CONFIG_DIR + "/environment", env)
     write(DROPIN_DIR + "/60-test.conf", "[Service]\nWatchdogSec=4s\nRestartSec=1s\n")
     script = params["checkout"] + "/scripts/install.sh"
-    args = ["bash", script, "--no-apt", "--no-start", "--pip-args", "--no-index --no-build-isolation"]
-    first = sh(*args, timeout=300)
+    configure = ["--detector-pv", params["detector_pv"], "--pv-prefix", params["prefix"]]  # ptychonn-edge setup
+    if params.get("wheels"):
+        stand_in = "/srv/test-env/tensorrt-stand-in"
+        write(stand_in + "/tensorrt.py", "__version__ = '8.5.2.2'  # importable, as JetPack's is; no CUDA here\n")
+        # --no-apt: a --volatile root has the host's /usr but no dpkg database (python3-venv, python3-systemd: the host's)
+        mode, args = "wheels", ["bash", script, "--no-apt", "--no-start", "--wheels", params["wheels"]]
+        first = sh("env", "PYTHONPATH=" + stand_in, *args, *configure, timeout=300)
+    else:
+        sh("python3", "-m", "venv", "--system-site-packages", VENV)
+        site = sh(VENV + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")["output"].strip()
+        write(site + "/ptychonn-test-deps.pth", "import site; site.addsitedir({!r})\n".format(params["site_packages"]))
+        mode = "borrowed venv"
+        args = ["bash", script, "--no-apt", "--no-start", "--pip-args", "--no-index --no-build-isolation"]
+        first = sh(*args, *configure, timeout=300)
     if first["rc"] != 0:
         raise AssertionError("install.sh failed:\n" + first["output"])
+    configured = open(CONFIG_DIR + "/config.yaml").read()
+    enabled_after_setup = sh("systemctl", "is-enabled", UNIT)["output"].strip()
+    # The operator's own settings (a faster status period for the test), then the upgrade path: install again.
+    write(CONFIG_DIR + "/config.yaml", params["config"])
     second = sh(*args, timeout=300)
     engines = os.stat(ENGINES)
     return {
+        "mode": mode,
+        "configured": configured,
+        "enabled_after_setup": enabled_after_setup,
         "verify": sh("systemd-analyze", "verify", UNIT, "ptychonn-edge@test.service"),
         "security": sh("systemd-analyze", "security", "--no-pager", UNIT, "ptychonn-edge@test.service"),
         "first": first,
@@ -280,6 +298,11 @@ def start() -> Dict[str, Any]:
     record["collector"] = start_collector()
     record["flowing"] = wait_until(flowing_now, 30, "frames flowing")
     record["phase_ids"] = len(wait_until(lambda: phase_ids(), 15, "phase images on P:Phase"))
+    # As a user on the device asks, from a bare shell: the appliance's environment file finds it. The
+    # command is on PATH where /usr/local/bin is writable (here /usr is the host's, read-only: the venv's).
+    command = "/usr/local/bin/ptychonn-edge"
+    status = sh(command if os.path.exists(command) else VENV + "/bin/ptychonn-edge", "status", "--json")
+    record["status_backend"] = json.loads(status["output"]).get("engine_backend") if status["rc"] == 0 else status
     entries = [json.loads(line) for line in sh("journalctl", "-u", UNIT, "-o", "json")["output"].splitlines()
                if line.startswith("{")]
     started_entries = [e for e in entries if str(e.get("MESSAGE", "")).startswith("started with")]
@@ -410,11 +433,26 @@ def stop() -> Dict[str, Any]:
     return {"last_id": last_id, "final": final, "phase_ids": phase_ids(), "journal": journal()[-3000:]}
 
 
+def test_only_modules(*names: str) -> str:
+    """A directory holding only ``names`` from the host venv (links): test dependencies for the service's
+    PYTHONPATH that shadow nothing the installed appliance brought."""
+    directory = "/srv/test-env/test-only-modules"
+    os.makedirs(directory, exist_ok=True)
+    for entry in os.listdir(params["site_packages"]):
+        if entry.split(".")[0] in names and not entry.endswith((".dist-info", ".pth")):
+            link = os.path.join(directory, entry)
+            if not os.path.lexists(link):
+                os.symlink(os.path.join(params["site_packages"], entry), link)
+    return directory
+
+
 @step("autobuild")
 def autobuild() -> Dict[str, Any]:
     """On a TensorRT device (the FAKE TensorRT and GPU, through a drop-in), the sandboxed service builds
     the deployed ONNX model in a child process and swaps the engine in."""
     fake = "/srv/test/fake_tensorrt/child:/srv/test"  # a copy: the checkout may be where the sandbox cannot see
+    if params.get("wheels"):  # the fake's ONNX parser needs onnx, a test dependency the wheelhouse lacks
+        fake += ":" + test_only_modules("onnx", "ml_dtypes", "typing_extensions")
     dropin = DROPIN_DIR + "/70-fake-tensorrt.conf"
     write(dropin, "[Service]\nEnvironment=PYTHONPATH={}\nEnvironment=FAKE_TENSORRT_VERSION=8.5.2.2\n".format(fake))
     sh("systemctl", "daemon-reload")

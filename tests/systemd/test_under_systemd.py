@@ -1,7 +1,9 @@
 """The appliance under a real systemd: a container booted with systemd-nspawn.
 
 One boot (about a minute) runs tests/systemd/driver.py inside the container: it
-installs with scripts/install.sh, drives ptychonn-edge.service with systemctl
+installs with scripts/install.sh (from the wheelhouse PTYCHONN_WHEELHOUSE names, as a device
+offline does, where there is one: CI makes it with scripts/wheelhouse.sh), configures with its
+--detector-pv/--pv-prefix (ptychonn-edge setup), drives ptychonn-edge.service with systemctl
 against a detector stand-in and a collector on loopback, and writes what it saw
 to results.json. The tests below assert on that record, one behaviour each.
 
@@ -69,6 +71,7 @@ def _params(work: str) -> Dict[str, Any]:
     }
     return {
         "checkout": ROOT,
+        "wheels": "/srv/wheels" if os.environ.get("PTYCHONN_WHEELHOUSE") else None,
         "ssh_port": free_ports()["tcp"],
         "results": "/srv/results",
         "site_packages": "/srv/venv/" + os.path.relpath(sysconfig.get_paths()["purelib"], sys.prefix),
@@ -119,6 +122,8 @@ def run(tmp_path_factory) -> Dict[str, Any]:
         "--private-network",  # loopback only: nothing started in there can search or serve beyond 127.0.0.1
         "--bind-ro={0}:{0}".format(ROOT), "--bind-ro={}:/srv/venv".format(sys.prefix),
         "--bind-ro={}:/srv/test".format(work), "--bind={}:/srv/results".format(results),
+        *(["--bind-ro={}:/srv/wheels".format(os.environ["PTYCHONN_WHEELHOUSE"])]
+          if os.environ.get("PTYCHONN_WHEELHOUSE") else []),
         "--bind-ro={}:/etc/systemd/system/ptychonn-test-driver.service".format(driver_unit),
         "--boot", "--", "systemd.firstboot=off", "systemd.unit=ptychonn-test-driver.service",
     ]
@@ -165,6 +170,23 @@ def test_install_is_idempotent_and_sets_up_users_and_directories(run):
     service_gid = int(install["id"].split("gid=")[1].split("(")[0])
     assert ["group", service_gid, 5] in install["engines_acl"]["default"]  # r-x for files deployed later
     assert install["config_kept"]
+
+
+def test_install_configure_start_is_the_documented_path(run):
+    """install.sh --wheels DIR --detector-pv PV --pv-prefix P: configured by setup, enabled, serving on ONNX Runtime
+    although a (stand-in) TensorRT imports, and saying so. CI must take this path, not the borrowed venv."""
+    install = _step(run, "install")
+    if os.environ.get("PTYCHONN_REQUIRE_SYSTEMD") == "1":
+        assert install["mode"] == "wheels", "CI must set PTYCHONN_WHEELHOUSE (.ci/run)"
+    configured = yaml.safe_load(install["configured"])
+    assert (configured["detector"]["pv"], configured["publish"]["prefix"]) == (DETECTOR_PV, PREFIX)
+    assert install["configured"].startswith("# Written by `ptychonn-edge setup`")
+    assert install["enabled_after_setup"] == "enabled"
+    said = install["first"]["output"]
+    if install["mode"] == "wheels":
+        assert "(offline)" in said and "TensorRT importable" in said, said
+        assert "backend: serves on onnxruntime (auto:" in said, said
+    assert _step(run, "start")["status_backend"] == "onnxruntime"
 
 
 def test_the_container_has_no_network_but_its_loopback(run):
