@@ -43,10 +43,17 @@ def _is_pv_name(value: str) -> bool:
 
 @dataclass(frozen=True)
 class PositionAttributes:
-    """Names of the NTNDArray attributes carrying the sample motor positions."""
+    """The NTNDArray attributes carrying the sample motor positions, and how they map to the mosaic.
+
+    The attribute named ``x`` (and ``y``) is read; ``swap`` exchanges the two,
+    ``sign`` flips each mosaic axis, ``scale`` turns motor units into metres.
+    """
 
     x: str = "SampleX"
     y: str = "SampleY"
+    scale: float = field(default=1.0, metadata=check(lambda v: 1e-12 <= v <= 1e3, "1e-12..1e3 m per motor unit"))
+    sign: Tuple[int, int] = field(default=(1, 1), metadata=check(lambda v: set(v) <= {-1, 1}, "[x, y], each 1 or -1"))
+    swap: bool = False
 
 
 @dataclass(frozen=True)
