@@ -85,3 +85,40 @@ def test_a_mask_file_that_is_missing_or_wrong_is_refused_at_load(tmp_path):
     np.save(tmp_path / "float.npy", np.zeros((2, 2), np.float32))
     with pytest.raises(SchemaError, match=r"float.npy: holds float32 values; expected bool or integers"):
         parse_config("preprocess: {mask: float.npy}", str(tmp_path / "c.yaml"))
+
+
+def test_a_masked_stream_over_pva_publishes_the_masked_bin_means(tmp_path, appliance_env):
+    """Real frames through a running appliance (identity model): hot pixels and a gap never reach the engine."""
+    from appliance.sim.detector import DetectorServer
+    from harness import ApplianceProcess, Collector, write_config
+    from onnx_models import affine_model
+
+    mask = np.zeros((64, 64), bool)
+    mask[10, 11] = mask[40, 3] = True  # hot
+    mask[:, 30:34] = True  # a module gap, two whole bins wide
+    np.save(tmp_path / "mask.npy", mask)
+    config = write_config(str(tmp_path / "config.yaml"), "MASK:det", "MASK",
+                          engine_path=affine_model(str(tmp_path / "identity.onnx"), size=32),
+                          preprocess={"bin": 2, "mask": "mask.npy", "mask_fill": 0.0},
+                          mosaic={"enabled": False})
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 100, (64, 64), dtype=np.uint16) for _ in range(3)]
+    for image in images:
+        image[mask] = 65000  # what a hot pixel or a gap's garbage would add
+    detector = DetectorServer("MASK:det")
+    app = ApplianceProcess(config, appliance_env, "MASK")
+    try:
+        app.wait_ready()
+        phases = Collector("MASK:Phase")
+        detector.stream([(image, None) for image in images], rate_hz=100)
+        received = phases.wait_for(3, timeout=20)
+    finally:
+        app.stop()
+        detector.close()
+    for item in received:
+        image = images[item.unique_id - 1].astype(np.float64)
+        good = (~mask).reshape(32, 2, 32, 2).sum(axis=(1, 3))
+        sums = np.where(mask, 0, image).reshape(32, 2, 32, 2).sum(axis=(1, 3))
+        expected = np.where(good > 0, sums / np.maximum(good, 1), 0.0)
+        np.testing.assert_allclose(item.image, expected, rtol=1e-6)
+        assert item.image.max() < 100  # no 65000 leaked into any bin
