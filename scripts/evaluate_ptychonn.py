@@ -125,12 +125,21 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--save", help="write truth, mosaic and weights to this .npz")
     p.add_argument("--table", action="store_true", help="run every case docs/model.md tabulates; print the table")
+    p.add_argument("--reference", choices=("lsqml", "epie"),
+                   help="also reconstruct the scan with Pty-Chi (needs ptychi and torch) and report its figures")
+    p.add_argument("--reference-epochs", type=int, default=50)
+    p.add_argument("--refine-probe", action="store_true", help="Pty-Chi refines the probe (it starts from the true one)")
     args = p.parse_args()
     if args.table:
         print(table(args))
         return 0
     sim = simulation(args)
     figures, _, phases = evaluate_scan(args.model, sim)
+    if args.reference:
+        from ptychi_reference import reference_figures
+
+        scores = reference_figures(sim, args.reference, args.reference_epochs, args.refine_probe)
+        figures.update({"reference_" + key: value for key, value in scores.items()})
     print(json.dumps(figures, indent=1))
     if args.save:
         picture = stitched(sim, phases)
