@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -108,7 +109,7 @@ class Recorder:
         last frame of an earlier scan: it is held, and written only if the next
         one follows it (uniqueId + 1).
         """
-        image, unique_id, reading, stamp = frame
+        unique_id = frame[1]
         if self._first:
             self._first = False
             self._held = frame
@@ -142,8 +143,6 @@ class Recorder:
 def _detector(args: argparse.Namespace) -> DetectorConfig:
     detector = load_config(args.config).detector if args.config else DetectorConfig()
     if args.pv:
-        from dataclasses import replace
-
         detector = replace(detector, pv=args.pv)
     return detector
 
