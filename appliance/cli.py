@@ -174,6 +174,7 @@ _EXTENSIONS = [
     ("simulate", "appliance.sim.serve", ()),
     ("setup", "appliance.site_setup", ()),
     ("demo", "appliance.demo", (("matplotlib", "demo"),)),
+    ("record", "appliance.record", (("h5py", "record"),)),
 ]
 
 

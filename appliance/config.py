@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import yaml
 
@@ -43,10 +43,17 @@ def _is_pv_name(value: str) -> bool:
 
 @dataclass(frozen=True)
 class PositionAttributes:
-    """Names of the NTNDArray attributes carrying the sample motor positions."""
+    """The NTNDArray attributes carrying the sample motor positions, and how they map to the mosaic.
+
+    The attribute named ``x`` (and ``y``) is read; ``swap`` exchanges the two,
+    ``sign`` flips each mosaic axis, ``scale`` turns motor units into metres.
+    """
 
     x: str = "SampleX"
     y: str = "SampleY"
+    scale: float = field(default=1.0, metadata=check(lambda v: 1e-12 <= v <= 1e3, "1e-12..1e3 m per motor unit"))
+    sign: Tuple[int, int] = field(default=(1, 1), metadata=check(lambda v: set(v) <= {-1, 1}, "[x, y], each 1 or -1"))
+    swap: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,34 @@ class DetectorConfig:
     )
 
 
+# A pixel [row, col] or a rectangle [first_row, last_row, first_col, last_col] (ends included).
+MaskEntry = Union[Tuple[int, int], Tuple[int, int, int, int]]
+
+
+def _is_mask_list(entries: Tuple[Tuple[int, ...], ...]) -> bool:
+    return all(
+        min(e) >= 0 and max(e) <= 65535 and (len(e) == 2 or (e[0] <= e[1] and e[2] <= e[3])) for e in entries
+    )
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Crop margins (top, bottom, left, right) then square mean-binning."""
+    """Crop margins (top, bottom, left, right) then square mean-binning, leaving masked pixels out."""
 
     crop: Tuple[int, int, int, int] = field(
         default=(0, 0, 0, 0), metadata=check(lambda v: 0 <= min(v) and max(v) <= 65535, "four margins 0..65535")
     )
     bin: int = field(default=1, metadata=check(lambda v: 1 <= v <= 64, "1..64"))
+    # Bad pixels in raw-frame coordinates: a .npy file (nonzero = masked, the frame's shape) or a list.
+    mask: Optional[Union[str, Tuple[MaskEntry, ...]]] = field(
+        default=None,
+        metadata=check(
+            lambda v: (v.endswith(".npy") if isinstance(v, str) else _is_mask_list(v)),
+            "a .npy file, or a list of [row, col] and [first_row, last_row, first_col, last_col] "
+            "(0..65535, first <= last)",
+        ),
+    )
+    mask_fill: float = field(default=0.0, metadata=check(lambda v: 0 <= v <= 1e9, "0..1e9 counts"))
 
 
 @dataclass(frozen=True)
@@ -202,7 +229,15 @@ def load_config(path: str) -> Config:
 
 def parse_config(text: str, source: str = "<config>") -> Config:
     config = schema.load(Config, schema.parse_yaml(text, source), source)
-    return _resolve_paths(config, os.path.dirname(os.path.abspath(source)))
+    config = _resolve_paths(config, os.path.dirname(os.path.abspath(source)))
+    if isinstance(config.preprocess.mask, str):
+        from appliance.preprocess import load_mask_file  # here: preprocess imports the engines, which import config
+
+        try:
+            load_mask_file(config.preprocess.mask)
+        except ValueError as exc:
+            raise SchemaError(source, ["preprocess.mask: {}".format(exc)]) from exc
+    return config
 
 
 def _resolve_paths(config: Config, base: str) -> Config:
@@ -211,7 +246,14 @@ def _resolve_paths(config: Config, base: str) -> Config:
     directory = os.path.join(base, engine.directory)
     path = os.path.join(base, engine.path) if engine.path else None
     cache = os.path.join(base, engine.build_cache) if engine.build_cache else None
-    return replace(config, engine=replace(engine, directory=directory, path=path, build_cache=cache))
+    mask = config.preprocess.mask
+    if isinstance(mask, str):
+        mask = os.path.join(base, mask)
+    return replace(
+        config,
+        engine=replace(engine, directory=directory, path=path, build_cache=cache),
+        preprocess=replace(config.preprocess, mask=mask),
+    )
 
 
 def dump_config(config: Config) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from appliance.config import Config
 from appliance.ntndarray import FrameError, FrameMeta, decode, header
-from appliance.preprocess import Preprocessor
+from appliance.preprocess import Preprocessor, frame_mask, load_mask_file
 from appliance.ring import FrameRing
 from appliance.telemetry import Telemetry
 
@@ -34,6 +34,9 @@ class Ingest:
         self._accepted = frozenset(np.dtype(d) for d in config.detector.accept_dtypes)
         self._crop = config.preprocess.crop
         self._bin = config.preprocess.bin
+        self._mask = config.preprocess.mask
+        self._mask_fill = config.preprocess.mask_fill
+        self._mask_file = load_mask_file(self._mask) if isinstance(self._mask, str) else None
         self._patience = (
             config.pipeline.backpressure_timeout_ms / 1e3 if config.pipeline.overflow == "backpressure" else 0.0
         )
@@ -97,7 +100,11 @@ class Ingest:
     def _preprocessor(self, shape: Tuple[int, int], unique_id: int) -> Preprocessor:
         preprocess = self._preprocessors.get(shape)
         if preprocess is None:
-            preprocess = Preprocessor(shape, self._crop, self._bin)
+            try:
+                mask = frame_mask(self._mask, shape, self._mask_file)
+            except FrameError as exc:
+                raise FrameError(exc.reason, "uniqueId {}: {}".format(unique_id, exc)) from exc
+            preprocess = Preprocessor(shape, self._crop, self._bin, mask, self._mask_fill)
             if preprocess.output_shape != self._ring.frame_shape:
                 raise FrameError(
                     "shape",

@@ -60,6 +60,7 @@ class Mosaic:
         self._extent = extent_m
         self._lock = threading.Lock()
         self.counts: Dict[str, int] = {"stitched": 0, "unplaced": 0, "outside": 0, "resets": 0}
+        self.last_outside = ""  # why the latest patch counted as outside was left out
         self._last_id: Optional[int] = None
         self._clear()
 
@@ -81,8 +82,13 @@ class Mosaic:
             self._last_id = None
             self.counts["resets"] += 1
 
-    def add(self, patch: np.ndarray, position: Optional[Tuple[float, float]], unique_id: int) -> None:
-        """Stitch one phase patch centred at ``position`` (x, y in metres); ids going back start a new mosaic."""
+    def add(self, patch: np.ndarray, position: Optional[Tuple[float, float]], unique_id: int) -> Optional[str]:
+        """Stitch one phase patch centred at ``position`` (x, y in metres); ids going back start a new mosaic.
+
+        Returns why a placed patch was left out (it counts as ``outside``, and the
+        reason stays in :attr:`last_outside`), None otherwise: a motor reading in
+        the wrong units lands every point outside, and an operator must see why.
+        """
         with self._lock:
             if self._last_id is not None and unique_id <= self._last_id:
                 self._clear()
@@ -90,18 +96,24 @@ class Mosaic:
             self._last_id = unique_id
             if position is None:
                 self.counts["unplaced"] += 1
-                return
+                return None
             row = position[1] / self.pixel_size_m - self.patch_shape[0] / 2.0
             col = position[0] / self.pixel_size_m - self.patch_shape[1] / 2.0
             if not (abs(row) < _MAX_PIXEL_COORDINATE and abs(col) < _MAX_PIXEL_COORDINATE):  # NaN fails too
-                self.counts["outside"] += 1
-                return
+                return self._outside(unique_id, position, "over 2^31 mosaic pixels from the origin")
             top, left = int(math.floor(row)), int(math.floor(col))
             if not self._cover(top, left):
-                self.counts["outside"] += 1
-                return
+                return self._outside(unique_id, position, "beyond mosaic.extent_m" if self._extent is not None
+                                     else "the canvas would exceed mosaic.max_pixels")
             self._splat(patch, top, left, row - top, col - left)
             self.counts["stitched"] += 1
+            return None
+
+    def _outside(self, unique_id: int, position: Tuple[float, float], why: str) -> str:
+        self.counts["outside"] += 1
+        self.last_outside = "uniqueId {}: position ({:.6g}, {:.6g}) m is outside the mosaic: {} " \
+                            "(check detector.positions scale, sign and swap)".format(unique_id, position[0], position[1], why)
+        return self.last_outside
 
     def _cover(self, top: int, left: int) -> bool:
         """Make the canvas hold a patch at (top, left) plus one pixel for interpolation; False if over budget."""

@@ -24,6 +24,7 @@ from appliance.mosaic import Mosaic, make_window
 from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
+from appliance.positions import PositionTransform
 from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, access_rules, attributes
 from appliance.ring import FrameRing, HostBuffer
 from appliance.scalars import ScalarRecords
@@ -193,7 +194,15 @@ class Appliance:
         window = make_window(engine.io.output_image_shape(PHASE), settings.window, settings.window_sigma_px)
         self.mosaic = Mosaic(pixel_size, window, settings.max_pixels, settings.extent_m)
         self._mosaic_record = self._server.add_image(self.config.publish.prefix + ":Mosaic")
-        self.add_result_listener(lambda meta, images: self.mosaic.add(images[PHASE], meta.position, meta.unique_id))
+        to_metres = PositionTransform(self.config.detector.positions)
+        mosaic = self.mosaic
+
+        def stitch(meta: FrameMeta, images: Dict[str, np.ndarray]) -> None:
+            problem = mosaic.add(images[PHASE], to_metres(meta.position), meta.unique_id)
+            if problem is not None:
+                self.telemetry.note_error(problem)
+
+        self.add_result_listener(stitch)
 
     def command(self, text: str) -> str:
         """P:Control: ``reset`` starts a new mosaic, ``rescan`` looks at the engines directory again."""
@@ -331,7 +340,7 @@ class Appliance:
             "ring_capacity": self._ring.capacity if self._ring is not None else None,
             "in_flight_cap": (self._pipeline.in_flight_cap or "") if self._pipeline is not None else "",
             "ring_memory": self._ring_memory(),
-            "mosaic": dict(self.mosaic.counts) if self.mosaic is not None else None,
+            "mosaic": dict(self.mosaic.counts, last_outside=self.mosaic.last_outside) if self.mosaic is not None else None,
             "detector_pv": self.config.detector.pv,
             "detector_connected": self._source is not None and self._source.connected(),
             "detector_waiting_s": self._source.waiting_s() if self._source is not None else None,

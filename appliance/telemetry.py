@@ -139,6 +139,9 @@ def status_line(snapshot: Dict[str, object]) -> str:
     prefix = "{}; ".format(state) if state and state != "serving" else ""
     build = snapshot.get("engine_build")
     suffix = "; {}".format(build) if build and build != "idle" else ""  # minutes on a Jetson: say so
+    mosaic = snapshot.get("mosaic")
+    if isinstance(mosaic, dict) and mosaic.get("outside"):  # wrong position units land every point there
+        suffix += "; {} patches outside the mosaic".format(mosaic["outside"])
     return prefix + "in {:.0f} Hz, out {:.0f} Hz, p99 {}, published {}, dropped {}, missing {}{}, engine {}{}".format(
         snapshot["rate_in_hz"],
         snapshot["rate_out_hz"],

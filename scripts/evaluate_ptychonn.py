@@ -6,6 +6,7 @@ what is measured is what the appliance serves. Needs numpy, onnxruntime and
 tqdm (the progress bars, shown on a terminal only).
 
     python scripts/evaluate_ptychonn.py --model engines/ptychonn-small.onnx --frame-size 516
+    python scripts/evaluate_ptychonn.py --table    # every case docs/model.md tabulates
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from appliance.engines import open_engine  # noqa: E402
-from appliance.sim.metrics import phase_rmse, ssim  # noqa: E402
+from appliance.sim.metrics import phase_figures, phase_rmse, ssim  # noqa: E402
 from appliance.sim.scan import ScanSimulation, SimulationConfig  # noqa: E402
 from appliance.sim.trajectory import ScanConfig  # noqa: E402
 from appliance.demo import accuracy  # noqa: E402
@@ -48,7 +49,9 @@ def evaluate_scan(model_path: str, sim: ScanSimulation) -> Tuple[Dict[str, float
 
     Patch figures count the pixels the beam lights (smoothed intensity > 10% of
     its peak); the mosaic is stitched by the appliance's own Mosaic with
-    :func:`stitch_weight` and scored as the demo scores it (appliance.demo.accuracy).
+    :func:`stitch_weight`, compared over the scanned area the demo uses
+    (appliance.demo.accuracy), and scored by :func:`phase_figures`: global
+    offset removed, skill over the all-zero image, FRC resolution.
     """
     indices = list(range(len(sim)))
     n = sim.config.patch_size
@@ -57,13 +60,13 @@ def evaluate_scan(model_path: str, sim: ScanSimulation) -> Tuple[Dict[str, float
     phases = infer(model_path, inputs)
     truth = np.stack([sim.phase_patch(i) for i in indices])
     beam = beam_weight(sim.probe) > 0.1
-    scores = accuracy(sim, stitched(sim, phases))[0]
+    _, mosaic_truth, mosaic_phase, scanned = accuracy(sim, stitched(sim, phases))
+    scores = phase_figures(mosaic_phase, mosaic_truth, scanned, sim.pixel_size_m)
     figures = {
         "patch_rmse_rad": phase_rmse(phases[:, beam], truth[:, beam]),
         "patch_ssim": float(np.mean([ssim(p, t, beam) for p, t in zip(phases[::10], truth[::10])])),
-        "mosaic_rmse_rad": scores["rmse"],
-        "mosaic_ssim": scores["ssim"],
-        "scanned_pixels": scores["pixels"],
+        **{"mosaic_" + key: value for key, value in scores.items()},
+        "scanned_pixels": int(scanned.sum()),
         "overlap": round(sim.overlap, 3),
     }
     return figures, inputs, phases
@@ -74,6 +77,40 @@ def stitched(sim: ScanSimulation, phases: np.ndarray) -> MosaicImage:
     for index, phase in enumerate(phases):
         mosaic.add(phase, (float(sim.positions_m[index][0]), float(sim.positions_m[index][1])), index + 1)
     return mosaic.snapshot()
+
+
+# The cases docs/model.md tabulates: (label, changes to the command line's defaults).
+CASES = (
+    ("test shapes, 128x128 frames", {}),
+    ("test shapes, 516x516 frames, crop 2 + bin 4", {"frame_size": 516}),
+    ("test shapes, another sample (seed 777)", {"seed": 777}),
+    ("test shapes, 300 nm step, 300 points (overlap 0.49)", {"step_nm": 300.0, "points": 300}),
+    ("test shapes, raster 10x10, 700 nm step (no overlap)", {"pattern": "raster", "points": 100, "step_nm": 700.0}),
+    ("test shapes, 1e7 photons", {"photons": 1e7}),
+    ("test shapes, 1e5 photons (below training range)", {"photons": 1e5}),
+    ("test shapes, 3e4 photons", {"photons": 3e4}),
+    ("etched (training-like) sample", {"kind": "etched"}),
+)
+_COLUMNS = ("mosaic_rmse_rad", "mosaic_ssim", "mosaic_skill", "mosaic_frc_resolution_nm", "mosaic_zero_ssim", "patch_rmse_rad")
+
+
+def simulation(args: argparse.Namespace) -> ScanSimulation:
+    base = SimulationConfig(seed=args.seed)
+    return ScanSimulation(replace(
+        base,
+        sample=replace(base.sample, kind=args.kind),
+        detector=replace(base.detector, frame_size=args.frame_size, photons=args.photons),
+        scan=ScanConfig(pattern=args.pattern, points=args.points, step_m=args.step_nm * 1e-9),
+    ))
+
+
+def table(args: argparse.Namespace) -> str:
+    """Every case of :data:`CASES` as the markdown table docs/model.md shows."""
+    lines = ["| case | " + " | ".join(_COLUMNS) + " |", "| --- |" + " --- |" * len(_COLUMNS)]
+    for label, changes in CASES:
+        figures = evaluate_scan(args.model, simulation(argparse.Namespace(**{**vars(args), **changes})))[0]
+        lines.append("| {} | {} |".format(label, " | ".join("{:.3f}".format(figures[key]) for key in _COLUMNS)))
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -87,16 +124,22 @@ def main() -> int:
     p.add_argument("--step-nm", type=float, default=150.0)
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--save", help="write truth, mosaic and weights to this .npz")
+    p.add_argument("--table", action="store_true", help="run every case docs/model.md tabulates; print the table")
+    p.add_argument("--reference", choices=("lsqml", "epie"),
+                   help="also reconstruct the scan with Pty-Chi (needs ptychi and torch) and report its figures")
+    p.add_argument("--reference-epochs", type=int, default=50)
+    p.add_argument("--refine-probe", action="store_true", help="Pty-Chi refines the probe (it starts from the true one)")
     args = p.parse_args()
-    base = SimulationConfig(seed=args.seed)
-    config = replace(
-        base,
-        sample=replace(base.sample, kind=args.kind),
-        detector=replace(base.detector, frame_size=args.frame_size, photons=args.photons),
-        scan=ScanConfig(pattern=args.pattern, points=args.points, step_m=args.step_nm * 1e-9),
-    )
-    sim = ScanSimulation(config)
+    if args.table:
+        print(table(args))
+        return 0
+    sim = simulation(args)
     figures, _, phases = evaluate_scan(args.model, sim)
+    if args.reference:
+        from ptychi_reference import reference_figures
+
+        scores = reference_figures(sim, args.reference, args.reference_epochs, args.refine_probe)
+        figures.update({"reference_" + key: value for key, value in scores.items()})
     print(json.dumps(figures, indent=1))
     if args.save:
         picture = stitched(sim, phases)

@@ -286,6 +286,7 @@ def main() -> int:
         "validation_rmse_rad": "{:.4f}".format(val_rmse),
         "test_mosaic_ssim": "{:.3f}".format(test["test_128"]["mosaic_ssim"]),
         "test_mosaic_rmse_rad": "{:.4f}".format(test["test_128"]["mosaic_rmse_rad"]),
+        "test_mosaic_skill": "{:.3f}".format(test["test_128"]["mosaic_skill"]),
         "command": "python scripts/train_ptychonn.py " + " ".join(sys.argv[1:]),
     }
     manifest = Manifest(

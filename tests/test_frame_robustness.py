@@ -52,7 +52,9 @@ def test_wild_motor_positions_cost_the_mosaic_a_patch_not_the_stream(tmp_path, n
     status = app.wait_counts(published=len(positions))
     assert app.stop() == 0, app.output
     assert [r.unique_id for r in received] == list(range(1, len(positions) + 1))
-    assert details(status)["mosaic"] == {"stitched": 2, "unplaced": 2, "outside": 2, "resets": 0}
+    mosaic = details(status)["mosaic"]
+    assert mosaic == {"stitched": 2, "unplaced": 2, "outside": 2, "resets": 0, "last_outside": mosaic["last_outside"]}
+    assert mosaic["last_outside"].startswith("uniqueId 5: position (-1e+12, 0) m is outside the mosaic")
 
 
 @pytest.mark.parametrize("structure", ["scalar", "string", "no value union"])
