@@ -164,6 +164,7 @@ _EXTENSIONS = [
     ("build-engine", "appliance.engines.build", ()),
     ("simulate", "appliance.sim.serve", ()),
     ("demo", "appliance.demo", (("matplotlib", "demo"),)),
+    ("collect", "appliance.collect", ()),
 ]
 
 
