@@ -49,6 +49,7 @@ class ReorderConfig:
     max_wait_s: float = field(default=1.0, metadata=check(lambda v: 0.0 <= v <= 600, "0..600 s"))
     missing_ids_limit: int = field(default=100000, metadata=check(lambda v: 0 <= v <= 10**7, "0..10000000 ids"))
     missing_ranges_shown: int = field(default=200, metadata=check(lambda v: 1 <= v <= 100000, "1..100000 runs"))
+    first_id: Optional[int] = field(default=1, metadata=check(lambda v: v >= 0, "an id >= 0, or null"))
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ class Collector:
             self._last_merged = self._published.previous
         settings = self.config.reorder
         self._reorders = {role: Reorder(settings.window, settings.max_wait_s, settings.missing_ids_limit,
-                                        self._last_merged if role == PHASE else None) for role in ROLES}
+                                        self._last_merged if role == PHASE else None, settings.first_id)
+                          for role in ROLES}
         prefix = self.config.publish.prefix
         self._server = Server()  # read-only records: the collector takes no commands
         self._status_record = self._server.add_status(prefix + ":Status")

@@ -29,15 +29,18 @@ class Released(Generic[Item]):
 
 
 class Reorder(Generic[Item]):
-    def __init__(self, window: int, max_wait_s: float, missing_limit: int, last_merged: Optional[int] = None) -> None:
-        """``last_merged``: the last id released before a restart, so that what passed meanwhile counts as missing."""
+    def __init__(self, window: int, max_wait_s: float, missing_limit: int, last_merged: Optional[int] = None,
+                 first_id: Optional[int] = None) -> None:
+        """``last_merged``: the last id released before a restart, so that what passed meanwhile counts as missing.
+        ``first_id``: where a scan's ids start (None: unknown), so that a scan's first frames can be missing too."""
         self.window = window
         self.max_wait_s = max_wait_s
         self.missing_limit = missing_limit
         self._heap: List[Tuple[int, int, float, Any]] = []  # (id, arrival order, arrival time, item)
         self._order = itertools.count()
         self._held: Set[int] = set()
-        self._next: Optional[int] = None if last_merged is None else last_merged + 1
+        self.first_id = first_id
+        self._next: Optional[int] = first_id if last_merged is None else last_merged + 1
         self._recent: Deque[int] = collections.deque(maxlen=window)  # released ids: a repeat is a duplicate
         self._recent_set: Set[int] = set()
         self.missing: Set[int] = set()  # skipped, not (yet) arrived; at most missing_limit listed
@@ -135,7 +138,7 @@ class Reorder(Generic[Item]):
         self.counts["acquisitions"] += 1
         self.missing = set()
         self.counts["missing_unlisted"] = 0
-        self._next = None
+        self._next = self.first_id
         self._recent.clear()
         self._recent_set.clear()
         return released

@@ -35,8 +35,7 @@ class ScaleOut:
         self.collector_ports = free_ports()
         self._log_dir = log_dir
         self._saved = os.environ.get(_NAME_SERVERS)
-        os.environ[_NAME_SERVERS] = " ".join("127.0.0.1:{}".format(p["tcp"]) for p in
-                                             [detector_ports] + self.ports + [self.collector_ports])
+        self._set_name_servers()
         self.configs = []
         for index, instance_prefix in enumerate(self.prefixes):
             instance = dict((name, dict(values)) for name, values in sections.items())
@@ -61,6 +60,10 @@ class ScaleOut:
         self.appliances: List[Optional[ApplianceProcess]] = [None] * count
         self.collector: Optional[ApplianceProcess] = None
 
+    def _set_name_servers(self) -> None:
+        os.environ[_NAME_SERVERS] = " ".join("127.0.0.1:{}".format(p["tcp"]) for p in
+                                             [self.detector_ports] + self.ports + [self.collector_ports])
+
     def _env(self, own: Ports, *others: Ports) -> Dict[str, str]:
         env = dict(os.environ)
         env.update(loopback_env(own, self.detector_ports, *others))
@@ -78,6 +81,11 @@ class ScaleOut:
         return app
 
     def start_collector(self, timeout: float = 60.0) -> ApplianceProcess:
+        """The collector, on fresh ports: after a SIGKILL pvAccess found its old port taken and served on a
+        random one, which no name server entry points at."""
+        if self.collector is not None:
+            self.collector_ports = free_ports()
+            self._set_name_servers()
         self.collector = ApplianceProcess(self.collector_config, self._env(self.collector_ports, *self.ports),
                                           self.collector_prefix, log_path=self._log("collector"), command="collect")
         self.collector.wait_ready(timeout)
