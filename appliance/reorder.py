@@ -39,6 +39,7 @@ class Reorder(Generic[Item]):
         self._heap: List[Tuple[int, int, float, Any]] = []  # (id, arrival order, arrival time, item)
         self._order = itertools.count()
         self._held: Set[int] = set()
+        self._arrivals: Deque[Tuple[float, int]] = collections.deque()  # (time, id) in arrival order, lazily pruned
         self.first_id = first_id
         self._next: Optional[int] = first_id if last_merged is None else last_merged + 1
         self._recent: Deque[int] = collections.deque(maxlen=window)  # released ids: a repeat is a duplicate
@@ -68,6 +69,7 @@ class Reorder(Generic[Item]):
             released = self._new_acquisition()
         heapq.heappush(self._heap, (unique_id, next(self._order), now, item))
         self._held.add(unique_id)
+        self._arrivals.append((now, unique_id))
         released += self.expire(now)
         self.counts["max_depth"] = max(self.counts["max_depth"], len(self._heap))  # frames held, waiting
         return released
@@ -104,7 +106,10 @@ class Reorder(Generic[Item]):
         return runs
 
     def _oldest_arrival(self) -> float:
-        return min(entry[2] for entry in self._heap)
+        """Arrival time of the frame held longest (arrivals come in time order: the first still held)."""
+        while self._arrivals[0][1] not in self._held:
+            self._arrivals.popleft()
+        return self._arrivals[0][0]
 
     def _pop(self) -> Released[Item]:
         unique_id, _, _, item = heapq.heappop(self._heap)
@@ -134,6 +139,7 @@ class Reorder(Generic[Item]):
         """Ids went back beyond anything awaited: the detector started again. Let out the old scan's frames and
         keep its losses as a count (its ids will come again)."""
         released = self.flush()
+        self._arrivals.clear()
         self.counts["lost_in_earlier_acquisitions"] += self.missing_count()
         self.counts["acquisitions"] += 1
         self.missing = set()
