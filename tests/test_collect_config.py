@@ -1,10 +1,11 @@
 """The collector's config: every problem named before anything starts (exit 2), the effective config shown."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check(tmp_path, text: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from appliance.sim.scaleout import ScaleOut
-from conftest import TEST_PORTS
 from harness import Collector
 from onnx_models import affine_model
 
@@ -21,7 +20,7 @@ def frame(unique_id: int) -> np.ndarray:
 
 
 @pytest.fixture
-def scale(tmp_path, names):
+def scale(tmp_path, names, detector_ports):
     """Build (not start) three appliances and a collector on this test's detector."""
     made = []
 
@@ -29,7 +28,7 @@ def scale(tmp_path, names):
         model = affine_model(str(tmp_path / "identity.onnx"), size=SIZE)
         collector = options.pop("collector", {})
         collector.setdefault("mosaic", {}).setdefault("pixel_size_m", 1e-8)
-        group = ScaleOut(str(tmp_path), names["detector"], TEST_PORTS, model, 3, log_dir=str(tmp_path),
+        group = ScaleOut(str(tmp_path), names["detector"], detector_ports, model, 3, log_dir=str(tmp_path),
                          prefix=names["prefix"].replace(":", ""), collector=collector, **options)
         made.append(group)
         return group
