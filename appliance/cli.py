@@ -175,6 +175,7 @@ _EXTENSIONS = [
     ("setup", "appliance.site_setup", ()),
     ("demo", "appliance.demo", (("matplotlib", "demo"),)),
     ("record", "appliance.record", (("h5py", "record"),)),
+    ("collect", "appliance.collect", ()),
 ]
 
 

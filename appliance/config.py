@@ -27,6 +27,9 @@ _PV_NAME = re.compile(r"^[A-Za-z0-9_:.\-\[\]<>;{}$]+$")
 
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A distributor option value: the plugin parses "name=key:value;key:value" from the request, so
+# none of =:;[]() may appear in a value (pvDatabase's DataDistributorPlugin splits on them).
+_DISTRIBUTOR_TOKEN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 def _is_ipv4(value: str) -> bool:
@@ -56,6 +59,40 @@ class PositionAttributes:
     swap: bool = False
 
 
+def _is_token(value: str) -> bool:
+    return bool(_DISTRIBUTOR_TOKEN.match(value))
+
+
+@dataclass(frozen=True)
+class DistributorConfig:
+    """The PVA data distributor: the detector's server hands this appliance ``updates`` consecutive
+    frames in turn with the other clients of ``group`` (several appliances share one detector)."""
+
+    enabled: bool = False
+    plugin: str = field(default="pydistributor", metadata=check(
+        _is_token, "the server's plugin name: pydistributor (pvapy servers) or distributor (areaDetector "
+                   "NDPluginPva); letters, digits, _ . -"))
+    group: str = field(default="", metadata=check(
+        lambda v: v == "" or _is_token(v), "a group name: letters, digits, _ . - (up to 64)"))
+    set: str = field(default="", metadata=check(
+        lambda v: v == "" or _is_token(v), "empty (frames split between the group's clients) or a set name: "
+                                           "letters, digits, _ . - (up to 64)"))
+    updates: int = field(default=1, metadata=check(lambda v: 1 <= v <= 100000, "1..100000 frames per turn"))
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.group:
+            raise ValueError("detector.distributor.group is required when detector.distributor.enabled is true: "
+                             "the appliances that share the detector name the same group")
+
+    def plugin_option(self) -> str:
+        """``PLUGIN=group:G;set:S;trigger:uniqueId;updates:N``, as pvapy-hpc-consumer builds it."""
+        options = ["group:" + self.group]
+        if self.set:
+            options.append("set:" + self.set)
+        options += ["trigger:uniqueId", "updates:{}".format(self.updates)]
+        return "{}={}".format(self.plugin, ";".join(options))
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     pv: str = field(default="13SIM1:Pva1:Image", metadata=check(_is_pv_name, "a PV name"))
@@ -69,6 +106,7 @@ class DetectorConfig:
             "a non-empty list of " + ", ".join(SUPPORTED_FRAME_DTYPES),
         ),
     )
+    distributor: DistributorConfig = field(default_factory=DistributorConfig)
 
 
 # A pixel [row, col] or a rectangle [first_row, last_row, first_col, last_col] (ends included).

@@ -9,6 +9,7 @@ sample, and draws a picture of it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="detector frame rate (the field's Jetson ran 100 Hz)")
     parser.add_argument("--seed", type=int, default=7, help="sample and noise seed")
     parser.add_argument("--out", default="demo-output", help="directory for the picture and the appliance log")
+    parser.add_argument("--appliances", type=int, default=1, choices=range(1, 9), metavar="N",
+                        help="appliances sharing the detector through the data distributor, merged by the collector "
+                             "(default 1: one appliance, no collector)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
     frames = prepare(sim)
 
     work = tempfile.mkdtemp(prefix="ptychonn-demo-")
+    if args.appliances > 1:
+        return _scaled(args, sim, frames, pixel_size, mine, work)
     config = write_config(os.path.join(work, "config.yaml"), DETECTOR_PV, PREFIX, engine_path=os.path.abspath(args.model),
                           publish={"status_period_s": 0.5},
                           mosaic={"publish_period_s": 0.5, "pixel_size_m": pixel_size})
@@ -82,6 +88,55 @@ def main(args: argparse.Namespace) -> int:
     return _report(args, sim, frames, received, status, final_mosaic, code, latencies_ms(received))
 
 
+def _scaled(args: argparse.Namespace, sim, frames, pixel_size: float, mine, work: str) -> int:
+    """The scan through ``--appliances`` appliances (data distributor) and the collector: the merged output
+    is what the report judges, as a beamline would see it."""
+    from appliance.sim.detector import DetectorServer
+    from appliance.sim.scaleout import ScaleOut
+    from appliance.sim.serve import serve_in_background
+    from appliance.sim.viewer import Viewer, latencies_ms
+
+    group = ScaleOut(work, DETECTOR_PV, mine, os.path.abspath(args.model), args.appliances, prefix=PREFIX,
+                     collector={"mosaic": {"pixel_size_m": pixel_size, "publish_period_s": 0.5},
+                                "publish": {"status_period_s": 0.5}},
+                     log_dir=args.out, publish={"status_period_s": 0.5}, mosaic={"enabled": False})
+    detector = DetectorServer(DETECTOR_PV)
+    try:
+        group.start()
+        collector = group.collector
+        phases = Viewer(PREFIX + ":Phase")
+        mosaics = Viewer(PREFIX + ":Mosaic", queue_size=10)
+        print("streaming {} frames at {:.0f} Hz: detector -> {} appliances (data distributor) -> collector -> "
+              "viewer".format(len(frames), args.rate, args.appliances))
+        streamer = serve_in_background(detector, frames, args.rate)
+        while streamer.is_alive() or len(phases.items) < len(frames):
+            time.sleep(1.0)
+            status = collector.details()
+            print("  merged {:5d}/{}, missing {}, late {}, reorder depth {}; per appliance: {}".format(
+                status["merged"], len(frames), status["missing"], status["late"], status["reorder_depth"],
+                ", ".join("{} {:.0f} Hz".format(p, s["rate_hz"]) for p, s in sorted(status["appliances"].items()))),
+                flush=True)
+            if not streamer.is_alive() and status["merged"] >= len(frames) and status["reorder_depth"] == 0:
+                break
+        received = phases.wait_for(len(frames), timeout=30)
+        status = collector.wait_details(lambda s: s["reorder_depth"] == 0)
+    finally:
+        codes = group.stop()
+        group.close()
+        detector.close()
+    code = max(codes.values()) if codes else 1
+    ids = [item.unique_id for item in received]
+    print("\nresults ({} appliances + collector)".format(args.appliances))
+    print("  frames: sent {}, merged {}, lost {} (collector: missing {}, late {}, duplicates {}), exit codes {}".format(
+        len(frames), len(received), len(frames) - len(set(ids)), status["missing"], status["late"],
+        status["duplicates"], codes))
+    print("  per appliance: {}".format(", ".join("{} {} frames".format(p, s["frames"])
+                                                 for p, s in sorted(status["appliances"].items()))))
+    print("  in uniqueId order: {}".format("yes" if ids == sorted(ids) else "no ({} late)".format(status["late"])))
+    return _report(args, sim, frames, received, {"dropped_total": status["missing"]}, mosaics.latest(), code,
+                   latencies_ms(received))
+
+
 def _show_progress(app, phases, total: int, streamer) -> None:
     while streamer.is_alive() or len(phases.items) < total:
         time.sleep(1.0)
@@ -103,7 +158,7 @@ def offline_mosaic(received, pixel_size: float, window_kind: str = "gaussian", s
     from appliance.mosaic import Mosaic, make_window
 
     mosaic = Mosaic(pixel_size, make_window(received[0].image.shape, window_kind, sigma_px))
-    for item in received:
+    for item in sorted(received, key=lambda item: item.unique_id):  # merged output: late frames come out of order
         mosaic.add(item.image, item.meta.position, item.unique_id)
     return mosaic.snapshot()
 
@@ -149,6 +204,9 @@ def _report(args, sim, frames, received, status, final_mosaic, code, latency) ->
           "(truth spans {:.2f} rad)".format(scores["pixels"], scores["ssim"], scores["rmse"], scores["truth_range"]))
     path = _picture(args.out, frames, received, truth, estimate, scanned, scores)
     print("  picture: {}".format(path))
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump({"appliances": args.appliances, "sent": len(frames), "published": len(received), "lost": lost,
+                   "ssim": scores["ssim"], "rmse": scores["rmse"], "exit_code": code}, handle, indent=1)
     return 0 if lost == 0 and code == 0 else 1
 
 

@@ -41,6 +41,9 @@ class Ingest:
             config.pipeline.backpressure_timeout_ms / 1e3 if config.pipeline.overflow == "backpressure" else 0.0
         )
         self._preprocessors: Dict[Tuple[int, int], Preprocessor] = {}
+        # With the data distributor the server hands the ids between our turns to our peers: a gap is
+        # theirs, not a loss (the collector, which sees every id, finds real losses).
+        self._gaps_are_peers = config.detector.distributor.enabled
         self._last_id: Optional[int] = None
         self._last_logged: Dict[str, float] = {}
 
@@ -71,7 +74,10 @@ class Ingest:
         last = self._last_id
         self._last_id = unique_id
         if last is not None and unique_id > last:
-            self._counters.missing_upstream += unique_id - last - 1
+            if self._gaps_are_peers:
+                self._counters.peer_ids += unique_id - last - 1
+            else:
+                self._counters.missing_upstream += unique_id - last - 1
             return
         self._counters.acquisitions += 1
         if last is not None:

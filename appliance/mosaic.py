@@ -82,18 +82,21 @@ class Mosaic:
             self._last_id = None
             self.counts["resets"] += 1
 
-    def add(self, patch: np.ndarray, position: Optional[Tuple[float, float]], unique_id: int) -> Optional[str]:
-        """Stitch one phase patch centred at ``position`` (x, y in metres); ids going back start a new mosaic.
+    def add(self, patch: np.ndarray, position: Optional[Tuple[float, float]], unique_id: int,
+            late: bool = False) -> Optional[str]:
+        """Stitch one phase patch centred at ``position`` (x, y in metres); ids going back start a new mosaic,
+        except a ``late`` one (the collector let it out after later ids: it belongs to this scan).
 
         Returns why a placed patch was left out (it counts as ``outside``, and the
         reason stays in :attr:`last_outside`), None otherwise: a motor reading in
         the wrong units lands every point outside, and an operator must see why.
         """
         with self._lock:
-            if self._last_id is not None and unique_id <= self._last_id:
-                self._clear()
-                self.counts["resets"] += 1
-            self._last_id = unique_id
+            if not late:
+                if self._last_id is not None and unique_id <= self._last_id:
+                    self._clear()
+                    self.counts["resets"] += 1
+                self._last_id = unique_id
             if position is None:
                 self.counts["unplaced"] += 1
                 return None

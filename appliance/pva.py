@@ -31,9 +31,15 @@ def _pvaccess() -> Any:
     return pvaccess
 
 
-def monitor_request(queue_size: int) -> str:
-    """Ask for every field (the default drops uniqueId, dimension and attribute) and a server-side queue."""
-    return "record[queueSize={}]field()".format(queue_size)
+def monitor_request(queue_size: int, distributor: Optional[str] = None) -> str:
+    """Ask for every field (the default drops uniqueId, dimension and attribute) and a server-side queue.
+
+    ``distributor`` (``PLUGIN=group:G;...``, see DistributorConfig.plugin_option) selects the server's
+    data distributor plugin, which still sends the whole structure: ``field(_[PLUGIN=...])``, the form
+    pvapy's hpc consumer uses (pvapy/hpc/dataConsumer.py).
+    """
+    fields = "_[{}]".format(distributor) if distributor else ""
+    return "record[queueSize={}]field({})".format(queue_size, fields)
 
 
 DEFAULT_SEARCH_INTERVAL_S = 0.5
@@ -56,10 +62,11 @@ class FrameSource:
     """
 
     def __init__(self, pv_name: str, queue_size: int, callback: Callable[[Any], None],
-                 search_interval_s: float = DEFAULT_SEARCH_INTERVAL_S) -> None:
+                 search_interval_s: float = DEFAULT_SEARCH_INTERVAL_S, distributor: Optional[str] = None) -> None:
+        """``distributor``: the data distributor option (see :func:`monitor_request`), or None for every frame."""
         self.pv_name = pv_name
         self.search_interval_s = search_interval_s
-        self._request = monitor_request(queue_size)
+        self._request = monitor_request(queue_size, distributor)
         self._callback = callback
         self._changed = threading.Condition()
         self._channel: Any = None
@@ -406,6 +413,7 @@ _STATUS_NUMBERS = (
     ("published", "LONG"),
     ("dropped_total", "LONG"),
     ("missing_upstream", "LONG"),
+    ("peer_ids", "LONG"),
     ("upstream_overruns", "LONG"),
     ("acquisitions", "LONG"),
     ("queue_depth", "LONG"),

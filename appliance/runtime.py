@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from appliance.config import Config, PublishConfig, load_config
+from appliance.config import Config, DistributorConfig, PublishConfig, load_config
 from appliance.cuda import device_info
 from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.autobuild import BuildSettings, EngineBuilds, default_cache_directory
@@ -29,7 +29,7 @@ from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, access
 from appliance.ring import FrameRing, HostBuffer
 from appliance.scalars import ScalarRecords
 from appliance.statefile import PublishedRecord, restart_gap, state_directory
-from appliance.telemetry import Telemetry, status_line
+from appliance.telemetry import Counters, Telemetry, status_line
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,10 @@ class Appliance:
         )
         self._pipeline.start()
         self._ingest = Ingest(config, self._ring, self.telemetry)
+        distributor = config.detector.distributor
         self._source = FrameSource(config.detector.pv, config.detector.queue_size, self._ingest.on_update,
-                                   config.detector.search_interval_s)
+                                   config.detector.search_interval_s,
+                                   distributor.plugin_option() if distributor.enabled else None)
         self._source.start()
         self._state = "serving"
         log.info("serving %s; monitoring %s", engine.describe(), config.detector.pv)
@@ -346,6 +348,7 @@ class Appliance:
             "detector_waiting_s": self._source.waiting_s() if self._source is not None else None,
             "detector_channels_created": self._source.channels_created if self._source is not None else 0,
             "restart_gap": self._restart_gap,
+            "distributor": distributor_status(self.config.detector.distributor, self.telemetry.counters),
             "control_access": control_access(self.config.publish),
             "pipeline_failure": self.failure() or "",
         }
@@ -406,6 +409,18 @@ class Appliance:
                 self._status.publish(snapshot)
             except Exception as exc:  # nor a status hiccup
                 log.warning("status publish failed: %s", exc)
+
+
+def distributor_status(distributor: DistributorConfig, counters: Counters) -> Optional[Dict[str, object]]:
+    """The group this instance shares the detector with, and its share of the ids seen so far
+    (its frames over its frames and the peers' ids between them); None without the distributor."""
+    if not distributor.enabled:
+        return None
+    own = counters.received
+    spanned = own + counters.peer_ids
+    return {"plugin": distributor.plugin, "group": distributor.group, "set": distributor.set,
+            "updates": distributor.updates, "peer_ids": counters.peer_ids,
+            "share": own / spanned if spanned else None}
 
 
 def control_access(publish: PublishConfig) -> str:

@@ -171,6 +171,10 @@ def format_status(status: Dict[str, Any]) -> str:
         "latency:    p50 {}, p99 {}, max {}".format(ms(latency.get("p50_ms")), ms(latency.get("p99_ms")), ms(latency.get("max_ms"))),
         "queue:      {}".format(_queue(status)),
         _detector(status),
+    ]
+    if status.get("distributor"):
+        lines.append(_distributor(status["distributor"]))
+    lines += [
         "engines:    {} swaps, {} rejected{}; build {}".format(
             status.get("engine_swaps", 0), status.get("engine_rejections", 0),
             ", last: " + status["last_rejection"] if status.get("last_rejection") else "",
@@ -217,6 +221,14 @@ def watch_page(pv_name: str, status: Optional[Dict[str, Any]], age_s: float) -> 
         lines += ["", jetson]
     lines += ["", "q quits"]
     return lines
+
+
+def _distributor(distributor: Dict[str, Any]) -> str:
+    share = distributor.get("share")
+    return "shared:     group {} ({} per turn{}), this instance's share {}, {} ids went to peers".format(
+        distributor.get("group"), distributor.get("updates"),
+        ", set " + distributor["set"] if distributor.get("set") else "",
+        "-" if share is None else "{:.1%}".format(share), distributor.get("peer_ids"))
 
 
 def _detector(status: Dict[str, Any]) -> str:

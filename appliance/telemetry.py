@@ -66,6 +66,7 @@ class Counters:
     received: int = 0
     published: int = 0
     missing_upstream: int = 0  # gaps in uniqueId
+    peer_ids: int = 0  # gaps in uniqueId that the data distributor handed to the group's other clients
     acquisitions: int = 0  # uniqueId restarts (a new scan or an IOC restart)
     batches: int = 0
     upstream_overruns: int = 0  # the PVA server queue overflowed (monitor counters)
@@ -117,6 +118,7 @@ class Telemetry:
             "dropped": dict(c.dropped),
             "dropped_total": c.dropped_total,
             "missing_upstream": c.missing_upstream,
+            "peer_ids": c.peer_ids,
             "upstream_overruns": c.upstream_overruns,
             "acquisitions": c.acquisitions,
             "batches": c.batches,

@@ -80,9 +80,9 @@ parse_arguments() {
 uninstall() {
     say "stopping and disabling $SERVICE and its instances"
     systemctl disable --now "$SERVICE.service" 2>/dev/null || true
-    systemctl stop "$SERVICE@*.service" 2>/dev/null || true
-    systemctl disable "$SERVICE@.service" 2>/dev/null || true
-    rm -rf "$UNIT_DIR/$SERVICE.service" "$UNIT_DIR/$SERVICE@.service" \
+    systemctl stop "$SERVICE@*.service" "$SERVICE-collect@*.service" 2>/dev/null || true
+    systemctl disable "$SERVICE@.service" "$SERVICE-collect@.service" 2>/dev/null || true
+    rm -rf "$UNIT_DIR/$SERVICE.service" "$UNIT_DIR/$SERVICE@.service" "$UNIT_DIR/$SERVICE-collect@.service" \
         "$UNIT_DIR/$SERVICE.service.d/50-gpu-devices.conf" "$UNIT_DIR/$SERVICE@.service.d/50-gpu-devices.conf"
     rmdir "$UNIT_DIR/$SERVICE.service.d" "$UNIT_DIR/$SERVICE@.service.d" 2>/dev/null || true
     rm -f /etc/sysusers.d/$SERVICE.conf /etc/sysusers.d/$SERVICE-jtop.conf /etc/tmpfiles.d/$SERVICE.conf
@@ -377,7 +377,8 @@ gpu_device_dropins() {
 
 units() {
     install -d -m 0755 "$UNIT_DIR"
-    install -m 0644 "$SRC/systemd/$SERVICE.service" "$SRC/systemd/$SERVICE@.service" "$UNIT_DIR/"
+    install -m 0644 "$SRC/systemd/$SERVICE.service" "$SRC/systemd/$SERVICE@.service" \
+        "$SRC/systemd/$SERVICE-collect@.service" "$UNIT_DIR/"
     gpu_device_dropins
     systemctl daemon-reload
     if ! configured; then

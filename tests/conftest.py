@@ -66,6 +66,12 @@ def appliance_ports() -> Dict[str, int]:
     return dict(APPLIANCE_PORTS)
 
 
+@pytest.fixture
+def detector_ports() -> Dict[str, int]:
+    """The ports of this process's server (the detector stand-ins), for processes that must find it."""
+    return dict(TEST_PORTS)
+
+
 _names = itertools.count()
 
 

@@ -77,12 +77,14 @@ class StatusWatch:
 class ApplianceProcess:
     """``ptychonn-edge run`` in a subprocess, and its P:Status as it changes."""
 
-    def __init__(self, config_path: str, env: Dict[str, str], prefix: str, log_path: Optional[str] = None) -> None:
+    def __init__(self, config_path: str, env: Dict[str, str], prefix: str, log_path: Optional[str] = None,
+                 command: str = "run") -> None:
+        """``command``: ``run`` (an appliance) or ``collect`` (the collector, whose P:Status reads the same way)."""
         self.prefix = prefix
         # A file, not a pipe: a full pipe nobody reads would block the appliance's logging.
         self._log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "run", "--config", config_path],
+            [sys.executable, "-m", "appliance.cli", command, "--config", config_path],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True, preexec_fn=stop_with_parent,
         )
         self.output = ""

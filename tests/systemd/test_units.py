@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 SYSTEMD_DIR = os.path.join(ROOT, "systemd")
 UNITS = ["ptychonn-edge.service", "ptychonn-edge@.service"]
+COLLECTOR_UNIT = "ptychonn-edge-collect@.service"
 EXEC_START = "/opt/ptychonn-edge/venv/bin/ptychonn-edge"
 
 needs_analyze = pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
@@ -43,14 +44,14 @@ def _exposure(output: str) -> float:
 
 
 @needs_analyze
-@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("unit", UNITS + [COLLECTOR_UNIT])
 def test_unit_verifies_clean(unit):
     result = _run("systemd-analyze", "verify", "--man=no", "./" + unit)
     assert _verify_complaints(result.stdout) == [], result.stdout
 
 
 @needs_analyze
-@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("unit", UNITS + [COLLECTOR_UNIT])
 def test_unit_exposure_is_at_most_2(unit):
     result = _run("systemd-analyze", "security", "--offline=true", "--no-pager", "./" + unit)
     assert _exposure(result.stdout) <= 2.0, result.stdout
@@ -85,6 +86,7 @@ def test_unit_relies_on_the_exit_codes_the_service_uses():
     from appliance import service
 
     assert "RestartPreventExitStatus={}".format(service.EXIT_CONFIG) in _lines(UNITS[0])
+    assert "RestartPreventExitStatus={}".format(service.EXIT_CONFIG) in _lines(COLLECTOR_UNIT)
     assert service.EXIT_FAILED != service.EXIT_CONFIG
 
 
