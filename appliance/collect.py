@@ -30,7 +30,7 @@ from appliance.config import MAX_CONFIG_BYTES, MosaicConfig, PositionAttributes,
 from appliance.engines.base import AMPLITUDE, PHASE, first_line
 from appliance.mosaic import Mosaic, make_window
 from appliance.positions import PositionTransform
-from appliance.ntndarray import FrameError, FrameMeta, decode, header, now_stamp
+from appliance.ntndarray import FrameError, FrameMeta, decode, header
 from appliance.reorder import Released, Reorder
 from appliance.schema import check
 from appliance.statefile import PublishedRecord, restart_gap, state_directory
@@ -358,16 +358,8 @@ class Collector:
                 log.warning("status publish failed: %s", exc)
 
     def _publish_mosaic(self) -> None:
-        if self.mosaic is None or self._mosaic_record is None:
-            return
-        from appliance.pva import attributes
-
-        picture = self.mosaic.snapshot()
-        if not picture.phase.size:
-            return
-        stamp = now_stamp()
-        self._mosaic_record.publish(picture.phase, self.mosaic.counts["stitched"], stamp, stamp, attributes(
-            {"OriginX": picture.origin_m[0], "OriginY": picture.origin_m[1], "PixelSize": picture.pixel_size_m}))
+        if self.mosaic is not None and self._mosaic_record is not None:
+            self._mosaic_record.publish_mosaic(self.mosaic)
 
 
 def summary_line(snapshot: Dict[str, object]) -> str:

@@ -13,13 +13,16 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from appliance import ntndarray
 from appliance.compression import compress
-from appliance.ntndarray import FrameMeta, TimeStamp
+from appliance.ntndarray import FrameMeta, TimeStamp, now_stamp
+
+if TYPE_CHECKING:
+    from appliance.mosaic import Mosaic
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +332,16 @@ class ImageRecord:
         pv["dataTimeStamp"] = ntndarray.timestamp_field(data_timestamp)
         pv["attribute"] = _with_color_mode(frame_attributes)
         self._server.update(self.name, pv)
+
+    def publish_mosaic(self, mosaic: "Mosaic") -> None:
+        """The live mosaic as one image, stamped now, its origin and pixel size as attributes so a
+        viewer can place it on the sample; nothing goes out before the first patch lands."""
+        picture = mosaic.snapshot()
+        if not picture.phase.size:
+            return
+        stamp = now_stamp()
+        self.publish(picture.phase, mosaic.counts["stitched"], stamp, stamp, attributes(
+            {"OriginX": picture.origin_m[0], "OriginY": picture.origin_m[1], "PixelSize": picture.pixel_size_m}))
 
     def publish_frame(self, image: np.ndarray, meta: FrameMeta) -> None:
         """An output image carrying its input frame's identity, times and attributes."""

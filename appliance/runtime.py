@@ -25,7 +25,7 @@ from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
 from appliance.positions import PositionTransform
-from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, access_rules, attributes
+from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, access_rules
 from appliance.ring import FrameRing, HostBuffer
 from appliance.scalars import ScalarRecords
 from appliance.statefile import PublishedRecord, restart_gap, state_directory
@@ -383,17 +383,8 @@ class Appliance:
                     due[task] = when + periods[task]
 
     def _publish_mosaic(self) -> None:
-        if self.mosaic is None or self._mosaic_record is None:
-            return
-        picture = self.mosaic.snapshot()
-        if not picture.phase.size:
-            return
-        stamp = now_stamp()
-        self._mosaic_record.publish(
-            picture.phase, self.mosaic.counts["stitched"], stamp, stamp,
-            attributes({"OriginX": picture.origin_m[0], "OriginY": picture.origin_m[1],
-                        "PixelSize": picture.pixel_size_m}),
-        )
+        if self.mosaic is not None and self._mosaic_record is not None:
+            self._mosaic_record.publish_mosaic(self.mosaic)
 
     def _publish_status(self) -> None:
         snapshot = self.telemetry.snapshot()
