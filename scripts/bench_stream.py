@@ -209,13 +209,14 @@ class HpcConsumer:
 
     PROCESSOR = "pvapy.hpc.userDataProcessor.UserDataProcessor"
 
-    def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, queue_size: int) -> None:
-        self.log_path = os.path.join(workdir, "hpc.log")
+    def __init__(self, ports: Dict[str, Dict[str, int]], workdir: str, queue_size: int, role: str = "hpc",
+                 output: str = HPC_OUTPUT, status: str = HPC_STATUS, options: Sequence[str] = ()) -> None:
+        self.log_path = os.path.join(workdir, "{}.log".format(role))
         command = [
-            _tool("pvapy-hpc-consumer"), "-ic", DETECTOR_PV, "-oc", HPC_OUTPUT, "-sc", HPC_STATUS,
+            _tool("pvapy-hpc-consumer"), "-ic", DETECTOR_PV, "-oc", output, "-sc", status,
             "-pc", self.PROCESSOR, "-sqs", str(queue_size), "-siu", "0", "-rp", "1", "-dc",
-        ]
-        self.process = subprocess.Popen(command, env=pva_env(ports, "hpc", ["sim"]), stdout=open(self.log_path, "w"),
+        ] + list(options)
+        self.process = subprocess.Popen(command, env=pva_env(ports, role, ["sim"]), stdout=open(self.log_path, "w"),
                                         stderr=subprocess.STDOUT)
 
     def status(self) -> Optional[Dict[str, Dict[str, float]]]:

@@ -42,6 +42,12 @@ def send(detector, first: int, last: int, rate_hz: float = 200.0) -> None:
     detector.stream(((frame(i), (i * 1e-8, 0.0)) for i in range(first, last + 1)), rate_hz, first_id=first)
 
 
+def merged_viewer(group):
+    """A viewer of the merged P:Phase. Its connect deadline is long: on CI's 2 cores, loaded, one
+    took over 30 s (the first monitor update of a just-started collector)."""
+    return Collector(group.collector_prefix + ":Phase", connect_timeout=90.0)
+
+
 def merged_ids(viewer, count: int):
     return [item.unique_id for item in viewer.wait_for(count, timeout=30)]
 
@@ -49,7 +55,7 @@ def merged_ids(viewer, count: int):
 def test_every_id_is_merged_exactly_once_in_order(scale, detector):
     group = scale(collector={"reorder": {"window": 256, "max_wait_s": 2.0}})
     group.start()
-    merged = Collector(group.collector_prefix + ":Phase")
+    merged = merged_viewer(group)
     send(detector, 1, 150)
     ids = merged_ids(merged, 150)
     status = group.collector.wait_details(lambda s: s["merged"] >= 150)
@@ -69,7 +75,7 @@ def test_a_killed_appliance_loses_exactly_the_frames_it_held_and_the_scan_goes_o
     group = scale(collector={"reorder": {"window": 16, "max_wait_s": 1.0}},
                   per_instance=[{"pipeline": {"max_batch": 64, "max_wait_ms": 10000}}, {}, {}])
     group.start()
-    merged = Collector(group.collector_prefix + ":Phase")
+    merged = merged_viewer(group)
     send(detector, 1, 90)
     victim = group.appliances[0]
     held = victim.wait_counts(received=30)
@@ -87,6 +93,29 @@ def test_a_killed_appliance_loses_exactly_the_frames_it_held_and_the_scan_goes_o
     listed = {i for first, last in status["missing_ids"] for i in range(first, last + 1)}
     assert listed == lost and status["missing"] == 30 and status["missing_ids_complete"]
     assert not status["appliances"][group.prefixes[0]]["connected"]
+
+
+def test_a_restarted_appliance_rejoins_the_group_and_takes_its_share_again(scale, detector):
+    group = scale(collector={"reorder": {"window": 16, "max_wait_s": 1.0}})
+    group.start()
+    send(detector, 1, 30)
+    group.collector.wait_details(lambda s: s["merged"] >= 30)
+    group.kill(0)
+    send(detector, 31, 60)  # two left in the group: 15 each
+    for app in group.appliances[1:]:
+        app.wait_counts(received=20)
+    back = group.restart_appliance(0)  # what systemd's Restart= does, then the collector sees all three
+    group.start_collector()  # ready only once connected to all three
+    merged = merged_viewer(group)
+    send(detector, 61, 150)
+    ids = [i for i in merged_ids(merged, 90) if i > 60]  # after any last frame sent on connect
+    status = group.collector.wait_details(lambda s: s["merged"] >= 90 and s["reorder_depth"] == 0)
+    rejoined = back.wait_counts(received=30)
+    group.stop()
+    assert ids == list(range(61, 151))
+    # Its turns again: a third of 61..150, plus at most the detector's current frame, sent on connect.
+    assert rejoined["received"] in (30, 31) and rejoined["dropped_total"] == 0
+    assert status["appliances"][group.prefixes[0]]["connected"]
 
 
 def test_a_restarted_collector_counts_and_names_what_it_missed(scale, detector):
@@ -115,7 +144,7 @@ def test_a_slow_peer_cannot_hold_the_merge_beyond_its_window(scale, detector):
     group = scale(collector={"reorder": {"window": 8, "max_wait_s": 5.0}},
                   per_instance=[{"pipeline": {"max_batch": 64, "max_wait_ms": 2000}}, {}, {}])
     group.start()
-    merged = Collector(group.collector_prefix + ":Phase")
+    merged = merged_viewer(group)
     send(detector, 1, 90, rate_hz=100.0)
     ids = merged_ids(merged, 90)
     status = group.collector.wait_details(lambda s: s["merged"] >= 90)

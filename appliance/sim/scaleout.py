@@ -103,6 +103,14 @@ class ScaleOut:
         app.process.send_signal(signal.SIGKILL)
         return app.finish()
 
+    def restart_appliance(self, index: int, timeout: float = 60.0) -> ApplianceProcess:
+        """Appliance ``index`` again after a crash, on fresh ports (its old TCP port may still be taken,
+        and pvAccess would then serve on a random one); start the collector again after it, as only a
+        collector started later has the new ports among its name servers."""
+        self.ports[index] = free_ports()
+        self._set_name_servers()
+        return self.start_appliance(index, timeout)
+
     def stop(self) -> Dict[str, int]:
         """SIGTERM every process still running, appliances first (the collector then merges their last frames)."""
         codes = {}
