@@ -46,6 +46,32 @@ def monitor_request(queue_size: int, distributor: Optional[str] = None) -> str:
 
 
 DEFAULT_SEARCH_INTERVAL_S = 0.5
+_SEARCH_FIRST_RETRY_S = 0.225  # pvAccess's ChannelSearchManager: its first retry, then doubling
+_SEARCH_LONGEST_GAP_S = 29.0  # where its back-off settles
+
+
+def name_server_count() -> int:
+    """The TCP name servers this process's pvAccess client searches (EPICS_PVA_NAME_SERVERS)."""
+    return len(os.environ.get("EPICS_PVA_NAME_SERVERS", "").split())
+
+
+def channel_life_s(search_interval_s: float, name_servers: int) -> float:
+    """How long a channel may search before a fresh one replaces it.
+
+    A search attempt goes to every UDP address at once, but to one TCP name
+    server only: pvAccess takes them in turn (the turn carries over from one
+    channel to the next), each attempt later than the one before, as above.
+    Seen here with 5 name servers: a fresh channel's PV connected after 0 s,
+    0.7 s or 3.4 s (0.225 * (1 + 2 + 4 + 8)), by where the turn stood. A
+    channel replaced every 0.5 s left the late replies unheard (the collector
+    and a viewer in the scale-out demo waited 60 s and 30 s for PVs that were
+    served, on a busy machine). With name servers a channel therefore lives
+    until it has asked each of them once, and one interval more for the reply.
+    """
+    if name_servers < 2:
+        return search_interval_s
+    turn = sum(min(_SEARCH_FIRST_RETRY_S * 2 ** attempt, _SEARCH_LONGEST_GAP_S) for attempt in range(name_servers - 1))
+    return turn + search_interval_s
 
 
 class FrameSource:
@@ -56,12 +82,12 @@ class FrameSource:
     ~29 s after about a minute); only a beacon from a new server resets it, and
     none did on loopback here (nor do beacons cross subnets or name servers). A
     detector that appeared a minute after us was found up to 30 s late.
-    So a connector thread replaces a channel that has not connected within
-    ``search_interval_s`` by a fresh one, whose first search goes out at once:
-    the detector is found within about one interval of appearing, however long
-    we waited. Channels are replaced at most once per interval (pvapy has
-    crashed when channels are made and dropped at a high rate), and the monitor
-    is started only on a connected channel.
+    So a connector thread replaces a channel that has not connected within its
+    life (:func:`channel_life_s`: ``search_interval_s`` where search is by UDP)
+    by a fresh one, whose first search goes out at once: the detector is found
+    within about one life of appearing, however long we waited. Channels are
+    replaced at most once per life (pvapy has crashed when channels are made and
+    dropped at a high rate), and the monitor is started only on a connected channel.
     """
 
     def __init__(self, pv_name: str, queue_size: int, callback: Callable[[Any], None],
@@ -69,6 +95,7 @@ class FrameSource:
         """``distributor``: the data distributor option (see :func:`monitor_request`), or None for every frame."""
         self.pv_name = pv_name
         self.search_interval_s = search_interval_s
+        self.channel_life_s = channel_life_s(search_interval_s, name_server_count())
         self._request = monitor_request(queue_size, distributor)
         self._callback = callback
         self._changed = threading.Condition()
@@ -122,7 +149,7 @@ class FrameSource:
     def _use_one_channel(self) -> None:
         """One channel, from its creation until it is given up; it is destroyed when this returns."""
         channel = self._new_channel()
-        if self._wait_for(lambda: self._connected, self.search_interval_s):
+        if self._wait_for(lambda: self._connected, self.channel_life_s):
             # pvapy 5.6 calls a connection callback from inside monitor() without the GIL, a fatal
             # error: none from here on, the connection is polled instead.
             channel.setConnectionCallback(None)

@@ -64,9 +64,10 @@ class ScaleOut:
         os.environ[_NAME_SERVERS] = " ".join("127.0.0.1:{}".format(p["tcp"]) for p in
                                              [self.detector_ports] + self.ports + [self.collector_ports])
 
-    def _env(self, own: Ports, *others: Ports) -> Dict[str, str]:
+    def _env(self, own: Ports, other: Ports, *more: Ports) -> Dict[str, str]:
+        """For a process serving on ``own`` that searches ``other`` and ``more`` (and its own) by name server."""
         env = dict(os.environ)
-        env.update(loopback_env(own, self.detector_ports, *others))
+        env.update(loopback_env(own, other, *more))
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -74,27 +75,31 @@ class ScaleOut:
         return os.path.join(self._log_dir, name + ".log") if self._log_dir else None
 
     def start_appliance(self, index: int, timeout: float = 60.0) -> ApplianceProcess:
-        app = ApplianceProcess(self.configs[index], self._env(self.ports[index]), self.prefixes[index],
+        app = ApplianceProcess(self.configs[index], self._env(self.ports[index], self.detector_ports),
+                               self.prefixes[index],
                                log_path=self._log(self.prefixes[index].lower()))
         self.appliances[index] = app
         app.wait_ready(timeout)
         return app
 
-    def start_collector(self, timeout: float = 60.0) -> ApplianceProcess:
+    def start_collector(self, timeout: float = 120.0) -> ApplianceProcess:
         """The collector, on fresh ports: after a SIGKILL pvAccess found its old port taken and served on a
-        random one, which no name server entry points at."""
+        random one, which no name server entry points at. Its name servers are the appliances' and its own
+        (not the detector's): each more slows its search (see appliance.pva.channel_life_s). It is ready
+        once connected to every appliance, which on two busy cores took up to ~30 s: hence the timeout."""
         if self.collector is not None:
             self.collector_ports = free_ports()
             self._set_name_servers()
         self.collector = ApplianceProcess(self.collector_config, self._env(self.collector_ports, *self.ports),
-                                          self.collector_prefix, log_path=self._log("collector"), command="collect")
+                                          self.collector_prefix,
+                                          log_path=self._log("collector"), command="collect")
         self.collector.wait_ready(timeout)
         return self.collector
 
     def start(self, timeout: float = 60.0) -> None:
         for index in range(len(self.prefixes)):
             self.start_appliance(index, timeout)
-        self.start_collector(timeout)
+        self.start_collector(2 * timeout)
 
     def kill(self, index: int) -> str:
         """SIGKILL appliance ``index`` (a crash: nothing drained); returns what it wrote."""

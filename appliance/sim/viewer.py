@@ -38,7 +38,7 @@ class Viewer:
     """Monitor ``pv_name``; ``keep_images=False`` keeps only pixel [0, 0] of each image (long runs)."""
 
     def __init__(self, pv_name: str, queue_size: int = 10000, keep_images: bool = True,
-                 positions: Tuple[str, str] = ("SampleX", "SampleY"), connect_timeout: float = 30.0) -> None:
+                 positions: Tuple[str, str] = ("SampleX", "SampleY"), connect_timeout: float = 90.0) -> None:
         self.items: List[Received] = []
         self.updates = 0
         self._changed = threading.Condition()
