@@ -50,9 +50,9 @@ _SEARCH_FIRST_RETRY_S = 0.225  # pvAccess's ChannelSearchManager: its first retr
 _SEARCH_LONGEST_GAP_S = 29.0  # where its back-off settles
 
 
-def name_server_count() -> int:
-    """The TCP name servers this process's pvAccess client searches (EPICS_PVA_NAME_SERVERS)."""
-    return len(os.environ.get("EPICS_PVA_NAME_SERVERS", "").split())
+def name_server_count(environ: Mapping[str, str] = os.environ) -> int:
+    """The TCP name servers a pvAccess client with ``environ`` searches (EPICS_PVA_NAME_SERVERS)."""
+    return len(environ.get("EPICS_PVA_NAME_SERVERS", "").split())
 
 
 def channel_life_s(search_interval_s: float, name_servers: int) -> float:

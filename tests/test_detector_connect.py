@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from appliance.pva import channel_life_s
+from appliance.pva import channel_life_s, name_server_count
 from appliance.sim.detector import DetectorServer
 from appliance.sim.process import ApplianceProcess, StatusWatch
 from harness import write_config
@@ -69,7 +69,7 @@ def _start(tmp_path, appliance_env):
     model = affine_model(str(tmp_path / "identity.onnx"), size=16)
     config = write_config(str(tmp_path / "config.yaml"), pv, prefix, engine_path=model,
                           detector={"search_interval_s": SEARCH_INTERVAL_S})
-    life_s = channel_life_s(SEARCH_INTERVAL_S, len(appliance_env["EPICS_PVA_NAME_SERVERS"].split()))
+    life_s = channel_life_s(SEARCH_INTERVAL_S, name_server_count(appliance_env))
     return pv, ApplianceProcess(config, appliance_env, prefix), StatusWatch(prefix + ":Status"), life_s
 
 

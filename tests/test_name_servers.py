@@ -3,8 +3,8 @@
 pvAccess asks one name server per search attempt, in turn, the attempts
 backing off; a channel replaced before its turn reached the right name server
 (and heard the reply) missed a PV that was served. The scale-out collector
-searches five name servers here (the detector, three appliances, its own), and
-a CI run failed when it waited 60 s for appliances that were serving.
+searched five name servers (the detector, three appliances, its own) when a CI
+run failed: it waited 60 s for appliances that were serving.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Dict, List
+from typing import List
 
 import pytest
 
@@ -21,7 +21,7 @@ from appliance.sim.child_client import ChildMonitor, stop_with_parent
 from appliance.sim.loopback import Ports, free_ports, loopback_env
 
 _SERVE = """
-import sys, threading, pvaccess
+import sys, pvaccess
 server = pvaccess.PvaServer()
 server.addRecord(sys.argv[1], pvaccess.PvObject({"value": pvaccess.INT}, {"value": 7}))
 print("serving", flush=True)
@@ -51,16 +51,16 @@ def _serve(name: str, ports: Ports) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("position", [4, 1])
-def test_a_viewer_searching_five_name_servers_finds_a_pv_served_after_it_started(position):
+def test_a_viewer_searching_five_name_servers_finds_a_pv_served_after_it_started(position, monkeypatch):
     ports = [free_ports() for _ in range(6)]
     name = "NSTEST{}:value".format(position)
     servers: List[subprocess.Popen] = []
-    saved: Dict[str, str] = dict(os.environ)
     monitor = None
     try:
         # the other name servers serve other PVs, as the appliances do for the collector
         servers += [_serve("NSTEST{}:other{}".format(position, i), ports[i]) for i in range(5) if i != position]
-        os.environ.update(loopback_env(ports[5], *ports[:5]))  # the viewer child reads them when it starts
+        for key, value in loopback_env(ports[5], *ports[:5]).items():  # the viewer child reads them when it starts
+            monkeypatch.setenv(key, value)
         values: List[int] = []
         arrived = threading.Event()
 
@@ -76,8 +76,6 @@ def test_a_viewer_searching_five_name_servers_finds_a_pv_served_after_it_started
     finally:
         if monitor is not None:
             monitor.close()
-        os.environ.clear()
-        os.environ.update(saved)
         for server in servers:
             if server.stdin is not None:
                 server.stdin.close()

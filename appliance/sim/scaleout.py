@@ -76,8 +76,7 @@ class ScaleOut:
 
     def start_appliance(self, index: int, timeout: float = 60.0) -> ApplianceProcess:
         app = ApplianceProcess(self.configs[index], self._env(self.ports[index], self.detector_ports),
-                               self.prefixes[index],
-                               log_path=self._log(self.prefixes[index].lower()))
+                               self.prefixes[index], log_path=self._log(self.prefixes[index].lower()))
         self.appliances[index] = app
         app.wait_ready(timeout)
         return app
@@ -86,13 +85,12 @@ class ScaleOut:
         """The collector, on fresh ports: after a SIGKILL pvAccess found its old port taken and served on a
         random one, which no name server entry points at. Its name servers are the appliances' and its own
         (not the detector's): each more slows its search (see appliance.pva.channel_life_s). It is ready
-        once connected to every appliance, which on two busy cores took up to ~30 s: hence the timeout."""
+        once connected to every appliance, which on two busy cores took up to ~48 s: hence the timeout."""
         if self.collector is not None:
             self.collector_ports = free_ports()
             self._set_name_servers()
         self.collector = ApplianceProcess(self.collector_config, self._env(self.collector_ports, *self.ports),
-                                          self.collector_prefix,
-                                          log_path=self._log("collector"), command="collect")
+                                          self.collector_prefix, log_path=self._log("collector"), command="collect")
         self.collector.wait_ready(timeout)
         return self.collector
 
