@@ -467,7 +467,8 @@ _STATUS_NUMBERS = (
     ("uptime_s", "DOUBLE"),
 )
 _STATUS_FLAGS = ("detector_connected",)
-_STATUS_STRINGS = ("state", "engine_name", "engine_sha256", "engine_backend", "last_rejection", "summary", "json")
+_STATUS_STRINGS = ("state", "engine_name", "engine_sha256", "engine_backend", "last_rejection", "last_command", "summary",
+                   "json")
 
 
 def flatten_status(snapshot: Mapping[str, Any]) -> Dict[str, Any]:
@@ -555,11 +556,18 @@ def _alarm_status(severity: int) -> int:
 
 
 class CommandRecord:
-    """A string PV operators write commands to (``reset``, ``rescan``); it holds the last reply."""
+    """A string PV operators write commands to (``reset``, ``rescan``).
+
+    pvAccess acknowledges a put before pvapy's callback thread runs the command,
+    so a client cannot tell from the put that it was carried out: ``handled``
+    and ``last_reply`` (shown on P:Status) say so once it has been.
+    """
 
     def __init__(self, server: Any, name: str, on_command: Callable[[str], str]) -> None:
         pvaccess = _pvaccess()
         self.name = name
+        self.handled = 0
+        self.last_reply = ""
         self._on_command = on_command
         self._server = server
         server.addRecordWithAs(name, pvaccess.PvObject({"value": pvaccess.STRING}), 0, "COMMANDS", self._written)
@@ -571,6 +579,8 @@ class CommandRecord:
         except ValueError as exc:
             reply = "error: {}".format(exc)
         log.info("command %r: %s", command, reply)
+        self.last_reply = "{}: {}".format(command, reply)
+        self.handled += 1
 
 
 def read_once(pv_name: str, timeout_s: float = 5.0) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ counted as missing. Needs h5py (extra ``record``).
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import signal
 import sys
@@ -188,14 +189,18 @@ def main(args: argparse.Namespace) -> int:
     if source.connected():
         print("connected to {}; recording to {}".format(detector.pv, args.file), flush=True)
     reason = _record(recorder, frames, stopping, args)
-    source.stop()
+    lost_here = lost[0]  # frames that come after the stop are not the recording's
     scan.close({"detector_pv": detector.pv, "stop_reason": reason, "missing_upstream": recorder.counts["missing"],
-                "lost_here": lost[0], "position_scale": detector.positions.scale,
+                "lost_here": lost_here, "position_scale": detector.positions.scale,
                 "position_sign": list(detector.positions.sign), "position_swap": detector.positions.swap})
     print("recorded {} frames ({:.1f} MiB) to {}; {} missing upstream, {} repeated skipped, {} lost here; "
           "stopped: {}".format(scan.count, scan.nbytes / 2.0 ** 20, args.file, recorder.counts["missing"],
-                               recorder.counts["repeated"], lost[0], reason), flush=True)
-    return 0 if scan.count else 1
+                               recorder.counts["repeated"], lost_here, reason), flush=True)
+    sys.stderr.flush()
+    # The file is closed and the summary out: nothing is left to do. The process leaves without
+    # tearing pvapy's monitor down while the detector still streams: one run of the test suite died
+    # of a SIGSEGV after the frame bound was reached, before the file was closed (pvapy 5.6).
+    os._exit(0 if scan.count else 1)
 
 
 def _record(recorder: Recorder, frames: "queue.Queue[Any]", stopping: threading.Event,

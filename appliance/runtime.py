@@ -25,7 +25,7 @@ from appliance.ingest import Ingest
 from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
 from appliance.positions import PositionTransform
-from appliance.pva import FrameSource, ImageRecord, Server, StatusRecord, access_rules
+from appliance.pva import CommandRecord, FrameSource, ImageRecord, Server, StatusRecord, access_rules
 from appliance.ring import FrameRing, HostBuffer
 from appliance.scalars import ScalarRecords
 from appliance.statefile import PublishedRecord, restart_gap, state_directory
@@ -65,6 +65,7 @@ class Appliance:
         self.mosaic: Optional[Mosaic] = None
         self._mosaic_record: Optional[ImageRecord] = None
         self._published_record: Optional[PublishedRecord] = None
+        self._control: Optional[CommandRecord] = None
         self._restart_gap: Optional[Dict[str, object]] = None
         self._awaiting_first_result = True
 
@@ -85,7 +86,7 @@ class Appliance:
         self._scalars = ScalarRecords(self._server, prefix, self.config.pipeline.ring_capacity)
         self._images[PHASE] = self._server.add_image(prefix + ":Phase")
         if publish.control:
-            self._server.add_command(prefix + ":Control", self.command)
+            self._control = self._server.add_command(prefix + ":Control", self.command)
         if engine is None:
             self._state = "waiting for an engine in {}".format(self.config.engine.directory)
             log.warning("%s", self._state)
@@ -350,6 +351,8 @@ class Appliance:
             "restart_gap": self._restart_gap,
             "distributor": distributor_status(self.config.detector.distributor, self.telemetry.counters),
             "control_access": control_access(self.config.publish),
+            "commands_handled": self._control.handled if self._control is not None else 0,
+            "last_command": self._control.last_reply if self._control is not None else "",
             "pipeline_failure": self.failure() or "",
         }
 

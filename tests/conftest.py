@@ -22,6 +22,8 @@ from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
 TEST_PORTS = free_ports()  # this pytest process's own server (detector stand-ins)
 APPLIANCE_PORTS = free_ports()  # appliance processes started by tests
 os.environ.update(loopback_env(TEST_PORTS, APPLIANCE_PORTS))
+# A child that crashes in native code (pvapy) prints its Python threads' stacks: the test's output says where.
+os.environ["PYTHONFAULTHANDLER"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -84,9 +86,9 @@ def names() -> Dict[str, str]:
 
 @pytest.fixture
 def detector(names: Dict[str, str]) -> Iterator[Any]:
-    """A detector stand-in serving this test's detector PV."""
-    from appliance.sim.detector import DetectorServer
+    """A detector stand-in serving this test's detector PV, from a child process as an IOC would."""
+    from appliance.sim.detector import DetectorProcess
 
-    server = DetectorServer(names["detector"])
+    server = DetectorProcess(names["detector"])
     yield server
     server.close()

@@ -25,7 +25,7 @@ from appliance.engines import tensorrt as tensorrt_backend
 from appliance.engines.autobuild import BuildSettings, EngineBuilds
 from appliance.engines.base import PHASE, Engine, file_sha256, run_padded
 from appliance.hotswap import EngineManager, StreamSpec
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from harness import ApplianceProcess, Collector, write_config
 from onnx_models import affine_model
 
@@ -277,7 +277,7 @@ def test_the_appliance_streams_on_through_the_swap_to_the_built_engine(trt_devic
                           engine={"build_cache": str(tmp_path / "cache"), "settle_s": 0.1,
                                   "build_niceness": BUILD_NICENESS},
                           pipeline={"max_batch": 8, "max_wait_ms": 2})
-    detector = DetectorServer(detector_pv)
+    detector = DetectorProcess(detector_pv)
     gate = tmp_path / "let-the-build-finish"
     env = fake_tensorrt.child_environment(appliance_env)
     env[fake_tensorrt.BUILD_GATE_VARIABLE] = str(gate)

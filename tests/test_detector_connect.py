@@ -18,7 +18,7 @@ from typing import Any, Dict
 import numpy as np
 
 from appliance.pva import channel_life_s, name_server_count
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from appliance.sim.process import ApplianceProcess, StatusWatch
 from harness import write_config
 from onnx_models import affine_model
@@ -41,7 +41,7 @@ def _waited(status: Dict[str, Any]) -> bool:
     return (_details(status).get("detector_waiting_s") or 0.0) >= WAITED_S
 
 
-def _scan_is_received_whole(app: ApplianceProcess, detector: DetectorServer, first_id: int) -> None:
+def _scan_is_received_whole(app: ApplianceProcess, detector: DetectorProcess, first_id: int) -> None:
     """The scenario: a short scan starts 1 s after the detector PV appears; every frame must arrive."""
     before = app.status()
     time.sleep(SCAN_STARTS_AFTER_S)
@@ -78,7 +78,7 @@ def test_a_detector_appearing_long_after_the_appliance_gets_every_frame_of_a_sca
     detector = None
     try:
         _wait_long_for_the_detector(watch, app, pv, life_s)
-        detector = DetectorServer(pv)
+        detector = DetectorProcess(pv)
         _scan_is_received_whole(app, detector, first_id=1)
         assert app.stop() == 0, app.output
     finally:
@@ -90,13 +90,13 @@ def test_a_detector_appearing_long_after_the_appliance_gets_every_frame_of_a_sca
 
 def test_after_a_long_detector_ioc_restart_the_next_scan_arrives_whole(tmp_path, appliance_env):
     pv, app, watch, life_s = _start(tmp_path, appliance_env)
-    detector = DetectorServer(pv)
+    detector = DetectorProcess(pv)
     try:
         app.wait_ready()
         _scan_is_received_whole(app, detector, first_id=1)
         detector.close()
         _wait_long_for_the_detector(watch, app, pv, life_s)
-        detector = DetectorServer(pv)
+        detector = DetectorProcess(pv)
         _scan_is_received_whole(app, detector, first_id=1)
         assert app.stop() == 0, app.output
     finally:

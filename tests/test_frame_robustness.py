@@ -6,6 +6,8 @@ ends as a published frame or a counted drop, and the stream goes on.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,23 +59,39 @@ def test_wild_motor_positions_cost_the_mosaic_a_patch_not_the_stream(tmp_path, n
     assert mosaic["last_outside"].startswith("uniqueId 5: position (-1e+12, 0) m is outside the mosaic")
 
 
+# A server of a record that is not an NTNDArray, in a child (pvapy's server in the test process could
+# take the run down with it): it posts one update per line read from stdin, until stdin closes.
+_SERVE_FOREIGN = """
+import sys, pvaccess
+types = {"scalar": {"value": pvaccess.DOUBLE}, "string": {"value": pvaccess.STRING},
+         "no value union": {"uniqueId": pvaccess.INT, "value": [pvaccess.USHORT]}}[sys.argv[2]]
+server = pvaccess.PvaServer()
+server.addRecord(sys.argv[1], pvaccess.PvObject(types))
+print("serving", flush=True)
+for line in sys.stdin:
+    server.update(sys.argv[1], pvaccess.PvObject(types))
+    print("updated", flush=True)
+server.stop()
+"""
+
+
 @pytest.mark.parametrize("structure", ["scalar", "string", "no value union"])
 def test_updates_that_are_not_ntndarray_are_counted_as_dropped(tmp_path, names, launch, structure):
-    import pvaccess
-
-    types = {"scalar": {"value": pvaccess.DOUBLE}, "string": {"value": pvaccess.STRING},
-             "no value union": {"uniqueId": pvaccess.INT, "value": [pvaccess.USHORT]}}[structure]
-    server = pvaccess.PvaServer()
+    server = subprocess.Popen([sys.executable, "-c", _SERVE_FOREIGN, names["detector"], structure],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        server.addRecord(names["detector"], pvaccess.PvObject(types))
+        assert server.stdout.readline() == "serving\n"
         model = affine_model(str(tmp_path / "identity.onnx"), size=16)
         app, _ = serve(tmp_path, names, launch, model)
         for _ in range(5):
-            server.update(names["detector"], pvaccess.PvObject(types))
+            server.stdin.write("update\n")
+            server.stdin.flush()
+            assert server.stdout.readline() == "updated\n"
         status = app.wait_counts(received=6)  # the value on connect, then 5 updates
         assert app.stop() == 0, app.output
     finally:
-        server.stop()
+        server.stdin.close()
+        server.wait(timeout=30)
     dropped = {k: v for k, v in details(status)["dropped"].items() if v}
     assert status["received"] == 6 and status["published"] == 0
     assert dropped == {"not_ntndarray": 6}
@@ -97,15 +115,13 @@ def test_a_frame_received_again_after_a_reconnect_is_published_once(tmp_path, na
 
 def test_a_small_payload_declaring_a_huge_image_is_refused_before_decompression(tmp_path, names, detector, launch):
     from appliance.compression import compress
-    from test_stream import _raw_frame
 
     model = affine_model(str(tmp_path / "identity.onnx"), size=16)
     app, collector = serve(tmp_path, names, launch, model)
     side = 8192  # 128 MiB of uint16 zeros: about 0.5 MiB as LZ4
     payload = np.frombuffer(compress("lz4", np.zeros((side, side), np.uint16)), dtype=np.uint8)
     peak_before = peak_rss_kib(app.process.pid)
-    detector.record.publish_raw(_raw_frame(1, "ubyteValue", payload, side, side, codec="lz4",
-                                           uncompressed=side * side * 2))
+    detector.send_raw(1, "ubyteValue", payload, side, side, codec="lz4", uncompressed=side * side * 2)
     detector.send(frames(1, size=16)[0], 2)
     collector.wait_for(1, timeout=10)
     status = app.wait_counts(received=2, published=1)

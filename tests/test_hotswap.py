@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from appliance.engines.manifest import GoldenPair, Manifest, write_manifest
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from harness import ApplianceProcess, Collector, Received, write_config
 from onnx_models import affine_model
 
@@ -28,7 +28,7 @@ def frame(unique_id: int) -> np.ndarray:
 class Stream:
     """Frames with ids 1, 2, ... at RATE_HZ from a background thread until stopped."""
 
-    def __init__(self, detector: DetectorServer) -> None:
+    def __init__(self, detector: DetectorProcess) -> None:
         self._detector = detector
         self._stop = threading.Event()
         self.last_id = 0
@@ -87,7 +87,7 @@ def setup(tmp_path, appliance_env):
     affine_model(str(engines / "identity.onnx"), size=SIZE)
     config = write_config(str(tmp_path / "config.yaml"), detector_pv, prefix, engine_dir=str(engines),
                           pipeline={"max_batch": 8, "max_wait_ms": 2})
-    detector = DetectorServer(detector_pv)
+    detector = DetectorProcess(detector_pv)
     app = ApplianceProcess(config, appliance_env, prefix)
     app.wait_ready()
     collector = Collector(prefix + ":Phase")

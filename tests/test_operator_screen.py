@@ -56,12 +56,16 @@ def test_every_pv_on_the_screen_is_served_and_every_button_is_a_command(tmp_path
     try:
         pvs = named_pvs(root)
         answers = context.get([prefix + pv for pv in pvs], timeout=10.0, throw=False)
-        for pv, value in button_writes(root):
+        replies = []
+        for count, (pv, value) in enumerate(button_writes(root), start=1):
             context.put(prefix + pv[len(PREFIX_MACRO):], value, timeout=5.0)
+            # the put is acknowledged before the appliance runs the command: P:Status says when it has
+            replies.append(app.wait_details(lambda s: s["commands_handled"] >= count, timeout=30)["last_command"])
     finally:
         context.close()
     assert app.stop() == 0, app.output
     missing = [pv for pv, answer in zip(pvs, answers) if isinstance(answer, Exception)]
     assert not missing, missing
+    assert sorted(replies) == ["rescan: rescanning engines", "reset: mosaic reset"]
     assert "command 'reset': mosaic reset" in app.output
     assert "command 'rescan': rescanning engines" in app.output

@@ -11,7 +11,7 @@ from appliance.config import PositionAttributes, parse_config
 from appliance.mosaic import Mosaic, make_window
 from appliance.positions import PositionTransform
 from appliance.schema import SchemaError
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from appliance.sim.scan import ScanSimulation, SimulationConfig
 from appliance.sim.serve import prepare
 from harness import ApplianceProcess, Collector, write_config
@@ -69,7 +69,7 @@ def test_micrometre_motors_on_swapped_flipped_axes_stitch_where_the_beam_was(tmp
     config = write_config(str(tmp_path / "config.yaml"), "POS:det", "POS", engine_path=model,
                           detector={"pv": "POS:det", "positions": {"scale": 1e-6, "sign": [-1, 1], "swap": True}},
                           mosaic={"pixel_size_m": PIXEL, "publish_period_s": 0.2})
-    detector = DetectorServer("POS:det")
+    detector = DetectorProcess("POS:det")
     app = ApplianceProcess(config, appliance_env, "POS")
     try:
         app.wait_ready()

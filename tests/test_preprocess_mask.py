@@ -89,7 +89,7 @@ def test_a_mask_file_that_is_missing_or_wrong_is_refused_at_load(tmp_path):
 
 def test_a_masked_stream_over_pva_publishes_the_masked_bin_means(tmp_path, appliance_env):
     """Real frames through a running appliance (identity model): hot pixels and a gap never reach the engine."""
-    from appliance.sim.detector import DetectorServer
+    from appliance.sim.detector import DetectorProcess
     from harness import ApplianceProcess, Collector, write_config
     from onnx_models import affine_model
 
@@ -105,7 +105,7 @@ def test_a_masked_stream_over_pva_publishes_the_masked_bin_means(tmp_path, appli
     images = [rng.integers(0, 100, (64, 64), dtype=np.uint16) for _ in range(3)]
     for image in images:
         image[mask] = 65000  # what a hot pixel or a gap's garbage would add
-    detector = DetectorServer("MASK:det")
+    detector = DetectorProcess("MASK:det")
     app = ApplianceProcess(config, appliance_env, "MASK")
     try:
         app.wait_ready()

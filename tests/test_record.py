@@ -9,7 +9,7 @@ from typing import List
 import numpy as np
 import pytest
 
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from harness import ApplianceProcess, write_config
 from onnx_models import conv_model
 
@@ -50,7 +50,7 @@ def frames(count: int, first_id: int = 1):
 def test_a_live_scan_is_recorded_every_id_once_while_the_appliance_serves(tmp_path, appliance_env):
     sent = frames(200)
     model = conv_model(str(tmp_path / "conv.onnx"), size=64)
-    detector = DetectorServer("REC:det")
+    detector = DetectorProcess("REC:det")
     config = write_config(str(tmp_path / "config.yaml"), "REC:det", "REC", engine_path=model)
     app = ApplianceProcess(config, appliance_env, "REC")
     try:
@@ -78,7 +78,7 @@ def test_a_live_scan_is_recorded_every_id_once_while_the_appliance_serves(tmp_pa
 
 
 def test_recording_stops_at_the_frame_bound_and_says_so(tmp_path, appliance_env):
-    detector = DetectorServer("REC2:det")
+    detector = DetectorProcess("REC2:det")
     try:
         out = tmp_path / "bounded.h5"
         record = RecordProcess(appliance_env, str(out), "--pv", "REC2:det", "--max-frames", "50",

@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from appliance.sim.process import StatusWatch
 from appliance.status_view import format_status
 from harness import Collector, write_config
@@ -25,7 +25,7 @@ def _config(tmp_path, names: Dict[str, str]) -> str:
                         publish={"state_directory": str(state)})
 
 
-def _send(detector: DetectorServer, ids: List[int]) -> None:
+def _send(detector: DetectorProcess, ids: List[int]) -> None:
     for unique_id in ids:
         detector.send(IMAGE, unique_id)
 

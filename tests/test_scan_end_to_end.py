@@ -5,7 +5,7 @@ import numpy as np
 
 from appliance import schema
 from appliance.demo import offline_mosaic
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from appliance.sim.scan import ScanSimulation, SimulationConfig
 from appliance.sim.serve import computed_ahead, prepare
 from harness import ApplianceProcess, Collector, put_string, write_config
@@ -20,7 +20,7 @@ def test_live_mosaic_matches_offline_stitching_and_resets_on_a_new_scan(tmp_path
     model = conv_model(str(tmp_path / "conv.onnx"))
     config = write_config(str(tmp_path / "config.yaml"), "SCAN:det", "SCAN", engine_path=model,
                           mosaic={"pixel_size_m": PIXEL, "publish_period_s": 0.2})
-    detector = DetectorServer("SCAN:det")
+    detector = DetectorProcess("SCAN:det")
     app = ApplianceProcess(config, appliance_env, "SCAN")
     try:
         app.wait_ready()

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from appliance import jetson_stats, service
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from harness import Collector, write_config
 from onnx_models import affine_model
 
@@ -93,7 +93,7 @@ def _flowing(messages: List[Message]) -> bool:
 class Streamer:
     """The detector stand-in sending frames at a steady rate from a thread until stopped."""
 
-    def __init__(self, detector: DetectorServer, rate_hz: float) -> None:
+    def __init__(self, detector: DetectorProcess, rate_hz: float) -> None:
         self._detector = detector
         self._period = 1.0 / rate_hz
         self._stop = threading.Event()
@@ -128,7 +128,7 @@ def setup(tmp_path, appliance_env) -> Iterator[Dict[str, object]]:
         WATCHDOG_USEC="1000000",
         PTYCHONN_EDGE_TEST_HANG_FILE=str(tmp_path / "hang"),
     )
-    detector = DetectorServer(names["detector"])
+    detector = DetectorProcess(names["detector"])
     yield {"config": config, "notify": notify, "env": env, "detector": detector, "names": names,
            "hang": str(tmp_path / "hang")}
     detector.close()

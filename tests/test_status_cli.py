@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from appliance.sim.detector import DetectorServer
+from appliance.sim.detector import DetectorProcess
 from appliance.sim.loopback import free_ports, loopback_env
 from harness import write_config
 from onnx_models import affine_model
@@ -44,7 +44,7 @@ def _read_status(env, prefix: str, count: int) -> None:
 
 def test_status_prints_the_snapshot_and_repeated_reads_leave_the_appliance_as_it_was(tmp_path, launch,
                                                                                      appliance_ports):
-    detector = DetectorServer("STATUS:det:Image")
+    detector = DetectorProcess("STATUS:det:Image")
     try:
         model = affine_model(str(tmp_path / "identity.onnx"), size=16)
         app = launch(write_config(str(tmp_path / "config.yaml"), "STATUS:det:Image", "STATUS:pn", engine_path=model),

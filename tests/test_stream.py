@@ -62,43 +62,24 @@ def test_fixed_batch_model_publishes_a_short_scan_without_padding(tmp_path, name
     assert status["published"] == 13 and status["dropped_total"] == 0
 
 
-def _raw_frame(unique_id: int, field: str, data: np.ndarray, width: int, height: int, codec: str = "",
-               codec_type: int = 6, uncompressed: int = 0):
-    """A hand-built NTNDArray, for frames a well-behaved IOC would never send."""
-    import pvaccess
-
-    from appliance.ntndarray import dimensions
-
-    pv = pvaccess.NtNdArray()
-    if field:
-        pv["value"] = {field: data}
-    pv["dimension"] = dimensions(height, width)
-    pv["uniqueId"] = unique_id
-    if codec:
-        pv["codec"] = {"name": codec, "parameters": pvaccess.PvObject({"value": pvaccess.INT}, {"value": codec_type})}
-        pv["uncompressedSize"] = uncompressed
-    return pv
-
-
 def test_bad_frames_are_counted_by_reason_and_the_stream_goes_on(tmp_path, names, detector, launch):
     model = affine_model(str(tmp_path / "identity.onnx"), size=32)
     app, collector = serve(tmp_path, names, launch, model, pipeline={"max_wait_ms": 1})
     good = frames(8, size=32)
-    record = detector.record
     floats = good[0].astype(np.float32)
     floats[3, 4] = np.nan
     bad = [
-        _raw_frame(2, "", good[0], 32, 32),  # empty union
-        _raw_frame(3, "ubyteValue", np.zeros(10, np.uint8), 32, 32, codec="zstd", uncompressed=2048),  # unknown codec
-        _raw_frame(4, "ubyteValue", np.arange(100, dtype=np.uint8), 32, 32, codec="lz4", uncompressed=2048),  # corrupt
-        _raw_frame(5, "ushortValue", good[0].ravel()[:1000], 32, 32),  # size mismatch
-        _raw_frame(6, "doubleValue", good[0].ravel().astype(np.float64), 32, 32),  # dtype not accepted
-        _raw_frame(7, "floatValue", floats.ravel(), 32, 32),  # NaN
-        _raw_frame(8, "ushortValue", frames(1, size=16)[0].ravel(), 16, 16),  # shape the engine cannot take
+        (2, "", good[0], 32, 32),  # empty union
+        (3, "ubyteValue", np.zeros(10, np.uint8), 32, 32, "zstd", 6, 2048),  # unknown codec
+        (4, "ubyteValue", np.arange(100, dtype=np.uint8), 32, 32, "lz4", 6, 2048),  # corrupt
+        (5, "ushortValue", good[0].ravel()[:1000], 32, 32),  # size mismatch
+        (6, "doubleValue", good[0].ravel().astype(np.float64), 32, 32),  # dtype not accepted
+        (7, "floatValue", floats.ravel(), 32, 32),  # NaN
+        (8, "ushortValue", frames(1, size=16)[0].ravel(), 16, 16),  # shape the engine cannot take
     ]
     detector.send(good[0], 1)
-    for pv in bad:
-        record.publish_raw(pv)
+    for raw in bad:
+        detector.send_raw(*raw)
     for index in range(9, 13):
         detector.send(good[index - 8], index)
     received = collector.wait_for(5, timeout=10)
