@@ -379,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Exit codes as ``run``: 0 stopped cleanly, 1 the merge thread died, 2 bad configuration."""
-    from appliance.service import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, Notifier, _Signals, configure_logging
+    from appliance.service import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, Notifier, SignalWaiter, configure_logging
 
     if args.check:
         try:
@@ -398,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("cannot load configuration: %s", exc)
         notify("STATUS=bad configuration: " + first_line(exc))
         return EXIT_CONFIG
-    signals = _Signals()
+    signals = SignalWaiter()
     collector = Collector(config)
     try:
         collector.start()

@@ -132,7 +132,7 @@ def _monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-class _Signals:
+class SignalWaiter:
     """SIGTERM, SIGINT and SIGHUP as bytes on a socket, whichever thread the kernel picked.
 
     Native threads started by libraries at import (EPICS, ONNX Runtime) do not
@@ -230,7 +230,7 @@ class _Service:
     """The main thread's loop: status, watchdog, reload and stop, driven by signals."""
 
     def __init__(
-        self, config: Config, config_path: str, appliance: Appliance, notify: Notifier, signals: _Signals
+        self, config: Config, config_path: str, appliance: Appliance, notify: Notifier, signals: SignalWaiter
     ) -> None:
         self._config = config
         self._signals = signals
@@ -325,7 +325,7 @@ def serve(config_path: str) -> int:
         notify("STATUS=not configured: detector.pv is the example's; run ptychonn-edge setup")
         return EXIT_CONFIG
     # Before start(): a stop request during a long start is served once it is done.
-    signals = _Signals()
+    signals = SignalWaiter()
     appliance = Appliance(config, config_path)
     appliance.add_status_fields(jetson_stats.jetson_status)
     notify("STATUS=starting")

@@ -26,11 +26,10 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 
 from appliance import ntndarray
-from appliance.ntndarray import now_stamp
+from appliance.ntndarray import TimeStamp, now_stamp
 from appliance.pva import Server, attributes
 
 Position = Optional[Tuple[float, float]]
-Stamp = Tuple[int, int, int]
 _CLOSE_TIMEOUT_S = 30.0
 
 
@@ -39,7 +38,7 @@ class _Paced(abc.ABC):
 
     @abc.abstractmethod
     def send(self, image: np.ndarray, unique_id: int, position: Position = None, codec: Optional[str] = None,
-             extra: Optional[Mapping[str, Any]] = None) -> Stamp:
+             extra: Optional[Mapping[str, Any]] = None) -> TimeStamp:
         """Publish one frame; returns the timestamp it carries."""
 
     def stream(
@@ -77,7 +76,7 @@ class DetectorServer(_Paced):
         position: Position = None,
         codec: Optional[str] = None,
         extra: Optional[Mapping[str, Any]] = None,
-    ) -> Tuple[int, int, int]:
+    ) -> TimeStamp:
         values: Dict[str, Any] = {"ColorMode": 0}
         if position is not None:
             values[self.position_names[0]] = float(position[0])
@@ -136,7 +135,7 @@ class DetectorProcess(_Paced):
         self._call("started")
 
     def send(self, image: np.ndarray, unique_id: int, position: Position = None, codec: Optional[str] = None,
-             extra: Optional[Mapping[str, Any]] = None) -> Stamp:
+             extra: Optional[Mapping[str, Any]] = None) -> TimeStamp:
         stamp = self._call("send", image, unique_id, position, codec, dict(extra) if extra else None)
         self.sent += 1
         return stamp

@@ -64,10 +64,10 @@ def flowing(status: str) -> bool:
     return bool(match and int(match.group(1)) > 0 and int(match.group(2)) > 0)
 
 
-def unit_when(predicate: Callable[[Dict[str, str]], bool]) -> Callable[[], Optional[Dict[str, str]]]:
+def unit_when(predicate: Callable[[Dict[str, str]], bool], unit: str = UNIT) -> Callable[[], Optional[Dict[str, str]]]:
     """For wait_until: the unit's properties once ``predicate`` holds for them."""
     def check() -> Optional[Dict[str, str]]:
-        state = show()
+        state = show(unit)
         return state if predicate(state) else None
 
     return check
@@ -310,6 +310,28 @@ def start() -> Dict[str, Any]:
     return record
 
 
+def merged(status: str) -> int:
+    """Frames merged, from the collector's STATUS= line (0 before it says)."""
+    match = re.search(r"merged (\d+) from", status)
+    return int(match.group(1)) if match else 0
+
+
+@step("collector_unit")
+def collector_unit() -> Dict[str, Any]:
+    """The collector role as installed: ptychonn-edge-collect@test, sandboxed as the appliance, merges its
+    P:Phase, READY only once it serves, and stops cleanly."""
+    unit = "ptychonn-edge-collect@test.service"
+    write(CONFIG_DIR + "/collect-test.yaml", params["collect_config"])
+    write_env(CONFIG_DIR + "/collect-test.env", params["env"]["collector_unit"])
+    started = sh("systemctl", "start", unit)
+    after_start = show(unit)
+    merging = wait_until(unit_when(lambda s: merged(s["StatusText"]) > 0, unit), 60, "the collector merging")
+    user = sh("ps", "-o", "user=", "-p", merging["MainPID"])["output"].strip()
+    stopped = sh("systemctl", "stop", unit)
+    return {"start": started, "after_start": after_start, "merging": merging, "user": user, "stop": stopped,
+            "after_stop": show(unit), "journal": journal(unit)[-3000:]}
+
+
 @step("sandbox")
 def sandbox() -> Dict[str, Any]:
     pid = show()["MainPID"]
@@ -502,6 +524,7 @@ def main() -> None:
     # would hold the service's start for wait-online's two minutes
     sh("systemctl", "mask", "--runtime", "systemd-networkd-wait-online.service")
     if install() and peers() and deploy_first() and start():
+        collector_unit()
         sandbox()
         verdict()
         reload()

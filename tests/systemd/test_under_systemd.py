@@ -62,7 +62,7 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 
 def _params(work: str) -> Dict[str, Any]:
-    appliance, detector, collector = free_ports(), free_ports(), free_ports()
+    appliance, detector, collector, collector_unit = free_ports(), free_ports(), free_ports(), free_ports()
     config = {
         "detector": {"pv": DETECTOR_PV},
         "engine": {"directory": "/var/lib/ptychonn-edge/engines"},
@@ -82,7 +82,12 @@ def _params(work: str) -> Dict[str, Any]:
             "appliance": loopback_env(appliance, detector),
             "detector": loopback_env(detector, detector),
             "collector": loopback_env(collector, appliance),
+            "collector_unit": loopback_env(collector_unit, appliance),
         },
+        "collect_config": yaml.safe_dump({
+            "appliances": [PREFIX], "amplitude": False, "mosaic": {"enabled": False},
+            "reorder": {"first_id": None},  # it joins mid-stream: the ids before its first are not missing
+            "publish": {"prefix": PREFIX + "M", "status_period_s": 0.2}}),
         "models": {
             "first": "/srv/test/" + os.path.basename(affine_model(os.path.join(work, "first.onnx"))),
             "second": "/srv/test/" + os.path.basename(affine_model(os.path.join(work, "second.onnx"), scale=-1.0)),
@@ -223,6 +228,17 @@ def test_start_reaches_active_running_through_ready_with_frames_in_status(run):
     assert (start["after_start"]["ActiveState"], start["after_start"]["SubState"]) == ("active", "running")
     assert "engine first.onnx" in start["flowing"]["StatusText"]
     assert start["phase_ids"] > 0
+
+
+def test_the_collector_unit_merges_the_appliance_sandboxed_and_stops_cleanly(run):
+    collector = _step(run, "collector_unit")
+    assert collector["start"]["rc"] == 0, collector["start"]["output"] + collector["journal"]
+    assert (collector["after_start"]["ActiveState"], collector["after_start"]["SubState"]) == ("active", "running")
+    assert re.match(r"merged \d+ from 1 appliances, missing 0, ", collector["merging"]["StatusText"]), collector["merging"]
+    assert collector["user"] == "ptychonn-edge"
+    assert collector["stop"]["rc"] == 0
+    final = collector["after_stop"]
+    assert (final["ActiveState"], final["Result"], final["ExecMainStatus"]) == ("inactive", "success", "0"), final
 
 
 def test_logs_reach_the_journal_with_structured_fields(run):
