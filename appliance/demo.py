@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from appliance.sim.loopback import free_ports, loopback_env
 
     mine, theirs = free_ports(), free_ports()
-    os.environ.update(loopback_env(mine, theirs))  # before this process creates any PVA object
+    os.environ.update(loopback_env(mine))  # before this process creates any PVA object
 
     from appliance.engines.manifest import load_manifest
     from appliance.sim.detector import DetectorServer
@@ -64,12 +64,12 @@ def main(args: argparse.Namespace) -> int:
 
     work = tempfile.mkdtemp(prefix="ptychonn-demo-")
     if args.appliances > 1:
-        return _scaled(args, sim, frames, pixel_size, mine, work)
+        return _scaled(args, sim, frames, pixel_size, work)
     config = write_config(os.path.join(work, "config.yaml"), DETECTOR_PV, PREFIX, engine_path=os.path.abspath(args.model),
                           publish={"status_period_s": 0.5},
                           mosaic={"publish_period_s": 0.5, "pixel_size_m": pixel_size})
     env = dict(os.environ)
-    env.update(loopback_env(theirs, mine))
+    env.update(loopback_env(theirs))
     detector = DetectorServer(DETECTOR_PV)
     app = ApplianceProcess(config, env, PREFIX, log_path=os.path.join(args.out, "appliance.log"))
     try:
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     return _report(args, sim, frames, received, status, final_mosaic, code, latencies_ms(received))
 
 
-def _scaled(args: argparse.Namespace, sim, frames, pixel_size: float, mine, work: str) -> int:
+def _scaled(args: argparse.Namespace, sim, frames, pixel_size: float, work: str) -> int:
     """The scan through ``--appliances`` appliances (data distributor) and the collector: the merged output
     is what the report judges, as a beamline would see it."""
     from appliance.sim.detector import DetectorServer
@@ -96,7 +96,7 @@ def _scaled(args: argparse.Namespace, sim, frames, pixel_size: float, mine, work
     from appliance.sim.serve import serve_in_background
     from appliance.sim.viewer import Viewer, latencies_ms
 
-    group = ScaleOut(work, DETECTOR_PV, mine, os.path.abspath(args.model), args.appliances, prefix=PREFIX,
+    group = ScaleOut(work, DETECTOR_PV, os.path.abspath(args.model), args.appliances, prefix=PREFIX,
                      collector={"mosaic": {"pixel_size_m": pixel_size, "publish_period_s": 0.5},
                                 "publish": {"status_period_s": 0.5}},
                      log_dir=args.out, publish={"status_period_s": 0.5}, mosaic={"enabled": False})
@@ -122,7 +122,6 @@ def _scaled(args: argparse.Namespace, sim, frames, pixel_size: float, mine, work
         status = collector.wait_details(lambda s: s["reorder_depth"] == 0)
     finally:
         codes = group.stop()
-        group.close()
         detector.close()
     code = max(codes.values()) if codes else 1
     ids = [item.unique_id for item in received]

@@ -44,7 +44,7 @@ def main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
 
     mine, theirs = free_ports(), free_ports()
-    os.environ.update(loopback_env(mine, theirs))
+    os.environ.update(loopback_env(mine))
 
     import numpy as np
 
@@ -65,7 +65,7 @@ def main(argv: List[str]) -> int:
     config = write_config(os.path.join(work, "config.yaml"), "BENCHHS:det", "BENCHHS", engine_dir=engines,
                           pipeline={"max_batch": 8, "max_wait_ms": 2}, mosaic={"pixel_size_m": 1e-8})
     env = dict(os.environ)
-    env.update(loopback_env(theirs, mine))
+    env.update(loopback_env(theirs))
     env["PYTHONPATH"] = ROOT
     detector = DetectorServer("BENCHHS:det")
     app = ApplianceProcess(config, env, "BENCHHS")

@@ -65,17 +65,17 @@ def main() -> int:
     bare = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
     source = subprocess.Popen([sys.executable, "-m", "appliance.cli", "simulate", "--pv", "RECONNECT:det",
                                "--rate", "20", "--points", "20000", "--start-delay", "0"],
-                              env=dict(bare, **loopback_env(detector, detector)), stdout=subprocess.DEVNULL)
+                              env=dict(bare, **loopback_env(detector)), stdout=subprocess.DEVNULL)
     log = open(os.path.join(work, "appliance.log"), "w")
 
     def start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", config],
-                                env=dict(bare, **loopback_env(appliance, detector)), stdout=log,
+                                env=dict(bare, **loopback_env(appliance)), stdout=log,
                                 stderr=subprocess.STDOUT)
 
     updates = os.path.join(work, "viewer.txt")
     watcher = subprocess.Popen([sys.executable, "-c", VIEWER, "RECONNECT:pn:Phase"], stdout=open(updates, "w"),
-                               env=dict(bare, **loopback_env(viewer, appliance)))
+                               env=dict(bare, **loopback_env(viewer)))
     try:
         run = start()
         if not _wait_for(updates, 0.0, 60.0, count=20):  # frames flowing to it, not only the first value

@@ -78,7 +78,7 @@ def trial(ports: Dict[str, Dict[str, int]], count: int, rate: float, args: argpa
     work = tempfile.mkdtemp(prefix="bench-scaleout-", dir=args.workdir)
     model = affine_model(os.path.join(work, "identity.onnx"), size=FRAME_SIZE)
     simulator = Simulator(ports, work, rate, args.duration, args.start_delay)
-    group = ScaleOut(work, DETECTOR_PV, ports["sim"], model, count, prefix="SCALE", log_dir=work,
+    group = ScaleOut(work, DETECTOR_PV, model, count, prefix="SCALE", log_dir=work,
                      collector={"mosaic": {"enabled": False}, "queue_size": args.queue_size},
                      detector={"queue_size": args.queue_size}, mosaic={"enabled": False})
     viewer = None
@@ -93,7 +93,7 @@ def trial(ports: Dict[str, Dict[str, int]], count: int, rate: float, args: argpa
                     raise RuntimeError("{} did not start; see its log".format(consumer.log_path))
                 time.sleep(0.1)
         # One viewer per consumer (p4p finds a server by its UDP port alone here: see pva_viewer.py).
-        baseline_viewers = [ViewerProcess(["BENCH:{}:output".format(role)], pva_env(ports, "bench", [role]),
+        baseline_viewers = [ViewerProcess(["BENCH:{}:output".format(role)], pva_env(ports, "bench"),
                                           os.path.join(work, "viewer-{}.log".format(role)))
                             for role in baseline_roles(count)]
         for baseline_viewer in baseline_viewers:
@@ -125,7 +125,7 @@ def trial(ports: Dict[str, Dict[str, int]], count: int, rate: float, args: argpa
         for baseline_viewer in baseline_viewers:
             if baseline_viewer.process.poll() is None:
                 baseline_viewer.process.kill()
-        group.close()
+        group.stop()
         simulator.stop()
     dropped = sum(a["dropped_total"] for a in appliances)
     overruns = sum(a["upstream_overruns"] for a in appliances) + sum(
@@ -152,7 +152,7 @@ def main() -> int:
     args = parser.parse_args()
     ports = allocate_ports()  # the simulator's and this process's, for every trial: pvAccess reads them once
     ports.update((role, free_ports()) for role in baseline_roles(MAX_APPLIANCES))
-    os.environ.update(pva_env(ports, "bench", ["sim"]))
+    os.environ.update(pva_env(ports, "bench"))
     results: List[Dict[str, Any]] = []
     for count in args.appliances:
         for rate in args.rates:

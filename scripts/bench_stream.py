@@ -58,10 +58,10 @@ def allocate_ports() -> Dict[str, Dict[str, int]]:
     return {role: free_ports() for role in ROLES}
 
 
-def pva_env(ports: Dict[str, Dict[str, int]], own: str, reach: Sequence[str]) -> Dict[str, str]:
-    """Loopback-only PVA settings for a process serving as ``own`` and finding the servers ``reach``."""
+def pva_env(ports: Dict[str, Dict[str, int]], own: str) -> Dict[str, str]:
+    """Loopback-only PVA settings for a process serving as ``own``, which finds every other role's server."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("EPICS_")}
-    env.update(loopback_env(ports[own], *[ports[role] for role in reach]))
+    env.update(loopback_env(ports[own]))
     env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
     return env
 
@@ -154,7 +154,7 @@ class Simulator:
         ]
         self.first_frame_at = time.monotonic() + start_delay
         self._channel: Any = None
-        self.process = subprocess.Popen(command, env=pva_env(ports, "sim", ["sim"]), stdout=open(self.log_path, "w"),
+        self.process = subprocess.Popen(command, env=pva_env(ports, "sim"), stdout=open(self.log_path, "w"),
                                         stderr=subprocess.STDOUT)
 
     def runtime(self) -> Optional[float]:
@@ -216,7 +216,7 @@ class HpcConsumer:
             _tool("pvapy-hpc-consumer"), "-ic", DETECTOR_PV, "-oc", output, "-sc", status,
             "-pc", self.PROCESSOR, "-sqs", str(queue_size), "-siu", "0", "-rp", "1", "-dc",
         ] + list(options)
-        self.process = subprocess.Popen(command, env=pva_env(ports, role, ["sim"]), stdout=open(self.log_path, "w"),
+        self.process = subprocess.Popen(command, env=pva_env(ports, role), stdout=open(self.log_path, "w"),
                                         stderr=subprocess.STDOUT)
 
     def status(self) -> Optional[Dict[str, Dict[str, float]]]:
@@ -235,10 +235,10 @@ class HpcConsumer:
         _signal(self.process, signal.SIGINT, 10.0)  # it prints its final statistics on the way out
 
 
-def start_viewer(ports: Dict[str, Dict[str, int]], workdir: str, name: str, pvs: Sequence[str], reach: str,
+def start_viewer(ports: Dict[str, Dict[str, int]], workdir: str, name: str, pvs: Sequence[str],
                  queue_size: int) -> ViewerProcess:
-    """A p4p display on ``pvs`` of the ``reach`` process's server."""
-    return ViewerProcess(list(pvs), pva_env(ports, "bench", [reach]),
+    """A p4p display on ``pvs`` (of any role's server)."""
+    return ViewerProcess(list(pvs), pva_env(ports, "bench"),
                          os.path.join(workdir, "viewer-{}.log".format(name)), queue_size)
 
 
@@ -263,7 +263,7 @@ class Appliance:
 
         config = write_config(os.path.join(workdir, "appliance.yaml"), DETECTOR_PV, PREFIX, engine_path=model,
                               engine_dir=workdir, **appliance_sections(args))
-        self.peer = ApplianceProcess(config, pva_env(ports, "appliance", ["sim"]), PREFIX)
+        self.peer = ApplianceProcess(config, pva_env(ports, "appliance"), PREFIX)
         self.pid = self.peer.process.pid
 
     def wait_ready(self, timeout: float) -> None:
@@ -418,9 +418,9 @@ def run_trial(ports: Dict[str, Dict[str, int]], model: str, args: argparse.Names
 def start_viewers(ports: Dict[str, Dict[str, int]], workdir: str, args: argparse.Namespace) -> Dict[str, ViewerProcess]:
     """One display per consumer: the appliance's phase images and mosaic, the baseline's output."""
     return {
-        "appliance": start_viewer(ports, workdir, "appliance", [PREFIX + ":Phase", PREFIX + ":Mosaic"], "appliance",
+        "appliance": start_viewer(ports, workdir, "appliance", [PREFIX + ":Phase", PREFIX + ":Mosaic"],
                                   args.viewer_queue_size),
-        "hpc": start_viewer(ports, workdir, "hpc", [HPC_OUTPUT], "hpc", args.viewer_queue_size),
+        "hpc": start_viewer(ports, workdir, "hpc", [HPC_OUTPUT], args.viewer_queue_size),
     }
 
 
@@ -700,7 +700,7 @@ def stages(args: argparse.Namespace, model: str, ports: Dict[str, Dict[str, int]
     record = server.add_image("BENCHSTAGES:Phase")
     viewer = None
     if args.viewers:
-        viewer = start_viewer(ports, workdir, "stages", ["BENCHSTAGES:Phase"], "bench", args.viewer_queue_size)
+        viewer = start_viewer(ports, workdir, "stages", ["BENCHSTAGES:Phase"], args.viewer_queue_size)
         viewer.wait_connected(20)
     batch_size = config.pipeline.max_batch
     names = ("ingest (decode + one write into the ring)", "batch (ring.take)",
@@ -853,7 +853,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("bench_stream: pvaccess is already imported; its search settings cannot be set", file=sys.stderr)
         return 2
     ports = allocate_ports()
-    os.environ.update(pva_env(ports, "bench", ["sim", "appliance"]))
+    os.environ.update(pva_env(ports, "bench"))
     from onnx_models import affine_model
 
     model = os.path.join(args.workdir, "identity.onnx")

@@ -207,7 +207,7 @@ class Subscriber:
         command = [sys.executable, os.path.abspath(__file__), "--role", "subscriber", "--pv", pv,
                    "--subscriber-queue", str(args.subscriber_queue)]
         self.log_path = os.path.join(workdir, "subscriber-{}.log".format(pv.rsplit(":", 1)[-1].lower()))
-        self.process = subprocess.Popen(command, env=pva_env(ports, "bench", ["appliance"]), stdin=subprocess.PIPE,
+        self.process = subprocess.Popen(command, env=pva_env(ports, "bench"), stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=open(self.log_path, "w"), text=True)
         self.ready = threading.Event()
         self.progress: Dict[str, Any] = {}
@@ -295,7 +295,7 @@ def trial_main(args: argparse.Namespace) -> int:
     for key in [k for k in os.environ if k.startswith("EPICS_")]:
         del os.environ[key]
     ports = allocate_ports()
-    os.environ.update(pva_env(ports, "appliance", ["sim"]))  # before this process's first PVA object
+    os.environ.update(pva_env(ports, "appliance"))  # before this process's first PVA object
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     result: Dict[str, Any] = {}
     try:

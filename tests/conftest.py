@@ -21,7 +21,7 @@ from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
 
 TEST_PORTS = free_ports()  # this pytest process's own server (detector stand-ins)
 APPLIANCE_PORTS = free_ports()  # appliance processes started by tests
-os.environ.update(loopback_env(TEST_PORTS, APPLIANCE_PORTS))
+os.environ.update(loopback_env(TEST_PORTS))
 # A child that crashes in native code (pvapy) prints its Python threads' stacks: the test's output says where.
 os.environ["PYTHONFAULTHANDLER"] = "1"
 
@@ -39,7 +39,7 @@ def close_client_children() -> Iterator[None]:
 def appliance_env() -> Dict[str, str]:
     """Environment for an appliance subprocess that must find this process's detector stand-in."""
     env = dict(os.environ)
-    env.update(loopback_env(APPLIANCE_PORTS, TEST_PORTS))
+    env.update(loopback_env(APPLIANCE_PORTS))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -62,21 +62,18 @@ def test_check_config_shows_the_distributor(tmp_path):
     assert "    updates: 4\n" in result.stdout
 
 
-def instance_env(own, detector_ports):
-    """An appliance process of its own ports that finds this test's detector."""
+def instance_env(own):
+    """An appliance process of its own ports (it finds this test's detector)."""
     env = dict(os.environ)
-    env.update(loopback_env(own, detector_ports))
+    env.update(loopback_env(own))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def test_two_instances_split_the_stream_and_count_the_holes_as_peer_ids(tmp_path, names, detector, detector_ports,
-                                                                         monkeypatch):
+def test_two_instances_split_the_stream_and_count_the_holes_as_peer_ids(tmp_path, names, detector):
     model = affine_model(str(tmp_path / "identity.onnx"), size=16)
     ports = [free_ports(), free_ports()]
-    # Our client children (status watches, viewers) must find both instances' servers.
-    monkeypatch.setenv("EPICS_PVA_NAME_SERVERS", " ".join("127.0.0.1:{}".format(p["tcp"]) for p in [detector_ports] + ports))
     apps, viewers = [], []
     try:
         for index, own in enumerate(ports):
@@ -84,7 +81,7 @@ def test_two_instances_split_the_stream_and_count_the_holes_as_peer_ids(tmp_path
             config = write_config(str(tmp_path / "config{}.yaml".format(index)), names["detector"], prefix,
                                   engine_path=model, detector={"distributor": {"enabled": True, "group": "g",
                                                                                "updates": 2}})
-            apps.append(ApplianceProcess(config, instance_env(own, detector_ports), prefix))
+            apps.append(ApplianceProcess(config, instance_env(own), prefix))
             apps[-1].wait_ready()
             viewers.append(Collector(prefix + ":Phase"))
         image = np.ones((16, 16), np.uint16)

@@ -20,7 +20,7 @@ def frame(unique_id: int) -> np.ndarray:
 
 
 @pytest.fixture
-def scale(tmp_path, names, detector_ports):
+def scale(tmp_path, names):
     """Build (not start) three appliances and a collector on this test's detector."""
     made = []
 
@@ -28,14 +28,14 @@ def scale(tmp_path, names, detector_ports):
         model = affine_model(str(tmp_path / "identity.onnx"), size=SIZE)
         collector = options.pop("collector", {})
         collector.setdefault("mosaic", {}).setdefault("pixel_size_m", 1e-8)
-        group = ScaleOut(str(tmp_path), names["detector"], detector_ports, model, 3, log_dir=str(tmp_path),
+        group = ScaleOut(str(tmp_path), names["detector"], model, 3, log_dir=str(tmp_path),
                          prefix=names["prefix"].replace(":", ""), collector=collector, **options)
         made.append(group)
         return group
 
     yield build
     for group in made:
-        group.close()
+        group.stop()
 
 
 def send(detector, first: int, last: int, rate_hz: float = 200.0) -> None:
@@ -101,21 +101,24 @@ def test_a_restarted_appliance_rejoins_the_group_and_takes_its_share_again(scale
     send(detector, 1, 30)
     group.collector.wait_details(lambda s: s["merged"] >= 30)
     group.kill(0)
+    first = group.prefixes[0]
+    group.collector.wait_details(lambda s: not s["appliances"][first]["connected"])
     send(detector, 31, 60)  # two left in the group: 15 each
     for app in group.appliances[1:]:
         app.wait_counts(received=20)
-    back = group.restart_appliance(0)  # what systemd's Restart= does, then the collector sees all three
-    group.start_collector()  # ready only once connected to all three
+    back = group.restart_appliance(0)  # what systemd's Restart= does
+    group.collector.wait_details(lambda s: s["appliances"][first]["connected"])  # found again, by itself
     merged = merged_viewer(group)
+    on_connect = len(merged.items)  # the record's current value (the last id merged), if it has one
     send(detector, 61, 150)
-    ids = [i for i in merged_ids(merged, 90) if i > 60]  # after any last frame sent on connect
+    ids = merged_ids(merged, on_connect + 90)[on_connect:]
     status = group.collector.wait_details(lambda s: s["merged"] >= 90 and s["reorder_depth"] == 0)
     rejoined = back.wait_counts(received=30)
     group.stop()
     assert ids == list(range(61, 151))
     # Its turns again: a third of 61..150, plus at most the detector's current frame, sent on connect.
     assert rejoined["received"] in (30, 31) and rejoined["dropped_total"] == 0
-    assert status["appliances"][group.prefixes[0]]["connected"]
+    assert status["appliances"][first]["connected"]
 
 
 def test_a_restarted_collector_counts_and_names_what_it_missed(scale, detector):

@@ -29,7 +29,7 @@ def _rss_kb(pid: int) -> int:
 
 def _client_env(appliance_ports):
     env = dict(os.environ)
-    env.update(loopback_env(free_ports(), appliance_ports))
+    env.update(loopback_env(free_ports()))
     return env
 
 

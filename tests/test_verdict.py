@@ -19,13 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_service_environment_file_tells_a_client_on_this_host_where_the_appliance_answers(tmp_path):
-    service = loopback_env({"tcp": 5101, "udp": 5102}, {"tcp": 5201, "udp": 5202})  # as the tests' appliances
+    service = loopback_env({"tcp": 5101, "udp": 5102})  # as the tests' appliances
     path = tmp_path / "environment"
     path.write_text("# EPICS settings\n\n" + "".join('{}="{}"\n'.format(k, v) for k, v in service.items()))
     assert read_environment_file(str(path)) == service
     assert local_client_settings(service) == {
         "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "127.0.0.1:5102",
-        "EPICS_PVA_NAME_SERVERS": "127.0.0.1:5101"}  # the appliance's own ports, not the detector's
+        "EPICS_PVA_NAME_SERVERS": "127.0.0.1:5101"}  # the appliance's own ports
     assert local_client_settings({"EPICS_PVAS_INTF_ADDR_LIST": "10.0.0.5", "EPICS_PVAS_BROADCAST_PORT": "5076"})[
         "EPICS_PVA_ADDR_LIST"] == "10.0.0.5:5076"
     assert read_environment_file(str(tmp_path / "absent")) == {}

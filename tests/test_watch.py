@@ -106,7 +106,7 @@ def test_watch_follows_a_running_appliance_in_a_terminal_and_quits_on_q(tmux_ins
     app = launch(write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model),
                  names["prefix"])
     env = dict(os.environ)
-    env.update(loopback_env(free_ports(), appliance_ports))
+    env.update(loopback_env(free_ports()))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root
     command = "{} -m appliance.cli watch --prefix {} --refresh 0.2; echo watch exited $?; sleep 600".format(

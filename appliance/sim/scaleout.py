@@ -2,10 +2,8 @@
 
 For the demo (``--appliances N``), the tests and the benchmark: every process
 serves on ports of its own (loopback only), the appliances share the detector
-through the data distributor, and the collector finds them by TCP name servers.
-This process's PVA clients (viewers, status watches) are children that read
-the environment when they start, so the name servers of every process are put
-into it here, and restored on close.
+through the data distributor, and all of them (and this process's clients)
+find each other on the run's one UDP search port (appliance.sim.loopback).
 """
 from __future__ import annotations
 
@@ -18,24 +16,19 @@ import yaml
 from appliance.sim.loopback import Ports, free_ports, loopback_env
 from appliance.sim.process import ApplianceProcess, write_config
 
-_NAME_SERVERS = "EPICS_PVA_NAME_SERVERS"
-
 
 class ScaleOut:
-    def __init__(self, work: str, detector_pv: str, detector_ports: Ports, engine_path: str, count: int,
+    def __init__(self, work: str, detector_pv: str, engine_path: str, count: int,
                  prefix: str = "SCALE", updates: int = 1, per_instance: Optional[List[Dict[str, Any]]] = None,
                  collector: Optional[Dict[str, Any]] = None, log_dir: Optional[str] = None,
                  **sections: Dict[str, Any]) -> None:
         """``per_instance[i]``: config sections of appliance i only (a slow one); ``collector``: its config keys."""
         self.work = work
-        self.detector_ports = detector_ports
         self.prefixes = ["{}{}".format(prefix, index + 1) for index in range(count)]
         self.collector_prefix = prefix
         self.ports = [free_ports() for _ in range(count)]
         self.collector_ports = free_ports()
         self._log_dir = log_dir
-        self._saved = os.environ.get(_NAME_SERVERS)
-        self._set_name_servers()
         self.configs = []
         for index, instance_prefix in enumerate(self.prefixes):
             instance = dict((name, dict(values)) for name, values in sections.items())
@@ -60,14 +53,10 @@ class ScaleOut:
         self.appliances: List[Optional[ApplianceProcess]] = [None] * count
         self.collector: Optional[ApplianceProcess] = None
 
-    def _set_name_servers(self) -> None:
-        os.environ[_NAME_SERVERS] = " ".join("127.0.0.1:{}".format(p["tcp"]) for p in
-                                             [self.detector_ports] + self.ports + [self.collector_ports])
-
-    def _env(self, own: Ports, other: Ports, *more: Ports) -> Dict[str, str]:
-        """For a process serving on ``own`` that searches ``other`` and ``more`` (and its own) by name server."""
+    def _env(self, own: Ports) -> Dict[str, str]:
+        """For a process serving on ``own``."""
         env = dict(os.environ)
-        env.update(loopback_env(own, other, *more))
+        env.update(loopback_env(own))
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -75,21 +64,18 @@ class ScaleOut:
         return os.path.join(self._log_dir, name + ".log") if self._log_dir else None
 
     def start_appliance(self, index: int, timeout: float = 60.0) -> ApplianceProcess:
-        app = ApplianceProcess(self.configs[index], self._env(self.ports[index], self.detector_ports),
+        app = ApplianceProcess(self.configs[index], self._env(self.ports[index]),
                                self.prefixes[index], log_path=self._log(self.prefixes[index].lower()))
         self.appliances[index] = app
         app.wait_ready(timeout)
         return app
 
     def start_collector(self, timeout: float = 120.0) -> ApplianceProcess:
-        """The collector, on fresh ports: after a SIGKILL pvAccess found its old port taken and served on a
-        random one, which no name server entry points at. Its name servers are the appliances' and its own
-        (not the detector's): each more slows its search (see appliance.pva.channel_life_s). It is ready
-        once connected to every appliance, which on two busy cores took up to ~48 s: hence the timeout."""
+        """The collector (again after a crash: on a fresh TCP port, as pvAccess serves on a random one when
+        its old port is still taken); ready once connected to every appliance."""
         if self.collector is not None:
             self.collector_ports = free_ports()
-            self._set_name_servers()
-        self.collector = ApplianceProcess(self.collector_config, self._env(self.collector_ports, *self.ports),
+        self.collector = ApplianceProcess(self.collector_config, self._env(self.collector_ports),
                                           self.collector_prefix, log_path=self._log("collector"), command="collect")
         self.collector.wait_ready(timeout)
         return self.collector
@@ -107,11 +93,8 @@ class ScaleOut:
         return app.finish()
 
     def restart_appliance(self, index: int, timeout: float = 60.0) -> ApplianceProcess:
-        """Appliance ``index`` again after a crash, on fresh ports (its old TCP port may still be taken,
-        and pvAccess would then serve on a random one); start the collector again after it, as only a
-        collector started later has the new ports among its name servers."""
+        """Appliance ``index`` again after a crash, on a fresh TCP port (as for the collector)."""
         self.ports[index] = free_ports()
-        self._set_name_servers()
         return self.start_appliance(index, timeout)
 
     def stop(self) -> Dict[str, int]:
@@ -123,10 +106,3 @@ class ScaleOut:
         if self.collector is not None and self.collector.process.returncode is None:
             codes[self.collector_prefix] = self.collector.stop()
         return codes
-
-    def close(self) -> None:
-        self.stop()
-        if self._saved is None:
-            os.environ.pop(_NAME_SERVERS, None)
-        else:
-            os.environ[_NAME_SERVERS] = self._saved

@@ -79,10 +79,10 @@ def _params(work: str) -> Dict[str, Any]:
         "detector_pv": DETECTOR_PV,
         "prefix": PREFIX,
         "env": {
-            "appliance": loopback_env(appliance, detector),
-            "detector": loopback_env(detector, detector),
-            "collector": loopback_env(collector, appliance),
-            "collector_unit": loopback_env(collector_unit, appliance),
+            "appliance": loopback_env(appliance),
+            "detector": loopback_env(detector),
+            "collector": loopback_env(collector),
+            "collector_unit": loopback_env(collector_unit),
         },
         "collect_config": yaml.safe_dump({
             "appliances": [PREFIX], "amplitude": False, "mosaic": {"enabled": False},
