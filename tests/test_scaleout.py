@@ -52,6 +52,12 @@ def merged_ids(viewer, count: int):
     return [item.unique_id for item in viewer.wait_for(count, timeout=30)]
 
 
+def out_of_order(ids) -> int:
+    """Ids that came after a higher one: frames the collector let out late (one appliance fell more
+    than the reorder window behind), each counted in its `late`."""
+    return sum(1 for index, unique_id in enumerate(ids) if unique_id < max(ids[: index + 1]))
+
+
 def test_every_id_is_merged_exactly_once_in_order(scale, detector):
     group = scale(collector={"reorder": {"window": 256, "max_wait_s": 2.0}})
     group.start()
@@ -72,7 +78,7 @@ def test_every_id_is_merged_exactly_once_in_order(scale, detector):
 
 def test_a_killed_appliance_loses_exactly_the_frames_it_held_and_the_scan_goes_on(scale, detector):
     # The victim batches up to 64 frames for up to 10 s: it holds what it received when it dies.
-    group = scale(collector={"reorder": {"window": 16, "max_wait_s": 1.0}},
+    group = scale(collector={"reorder": {"window": 64, "max_wait_s": 1.0}},
                   per_instance=[{"pipeline": {"max_batch": 64, "max_wait_ms": 10000}}, {}, {}])
     group.start()
     merged = merged_viewer(group)
@@ -86,7 +92,7 @@ def test_a_killed_appliance_loses_exactly_the_frames_it_held_and_the_scan_goes_o
     status = group.collector.wait_details(lambda s: s["missing"] >= 30 and s["reorder_depth"] == 0)
     group.stop()
     lost = set(range(1, 181)) - set(ids)
-    assert len(ids) == len(set(ids)) == 150 and ids == sorted(ids)
+    assert len(ids) == len(set(ids)) == 150 and out_of_order(ids) == status["late"]
     assert len(lost) == 30 and max(lost) <= 90
     residue = min(lost) % 3
     assert lost == {i for i in range(1, 91) if i % 3 == residue}  # the victim's turns, nothing after it died
@@ -96,7 +102,7 @@ def test_a_killed_appliance_loses_exactly_the_frames_it_held_and_the_scan_goes_o
 
 
 def test_a_restarted_appliance_rejoins_the_group_and_takes_its_share_again(scale, detector):
-    group = scale(collector={"reorder": {"window": 16, "max_wait_s": 1.0}})
+    group = scale(collector={"reorder": {"window": 64, "max_wait_s": 1.0}})
     group.start()
     send(detector, 1, 30)
     group.collector.wait_details(lambda s: s["merged"] >= 30)
@@ -115,7 +121,7 @@ def test_a_restarted_appliance_rejoins_the_group_and_takes_its_share_again(scale
     status = group.collector.wait_details(lambda s: s["merged"] >= 90 and s["reorder_depth"] == 0)
     rejoined = back.wait_counts(received=30)
     group.stop()
-    assert ids == list(range(61, 151))
+    assert sorted(ids) == list(range(61, 151)) and out_of_order(ids) <= status["late"]
     # Its turns again: a third of 61..150, plus at most the detector's current frame, sent on connect.
     assert rejoined["received"] in (30, 31) and rejoined["dropped_total"] == 0
     assert status["appliances"][first]["connected"]
@@ -154,5 +160,4 @@ def test_a_slow_peer_cannot_hold_the_merge_beyond_its_window(scale, detector):
     group.stop()
     assert sorted(ids) == list(range(1, 91))
     assert status["late"] > 0 and status["missing"] == 0 and status["reorder_max_depth"] <= 8
-    out_of_order = sum(1 for index, unique_id in enumerate(ids) if unique_id < max(ids[: index + 1]))
-    assert out_of_order == status["late"]
+    assert out_of_order(ids) == status["late"]
