@@ -163,14 +163,15 @@ class Mosaic:
                 self._weights[rows, cols] += share * self._window
 
     def snapshot(self, min_weight: float = 1e-3) -> "MosaicImage":
-        """The stitched phase (0 where nothing landed), its summed weights, and where it sits."""
+        """The stitched phase (0 where nothing landed), its summed weights, where it sits, and how many
+        patches it holds (read with the canvas: a count read after it named a patch still missing)."""
         with self._lock:
-            sums, weights, origin = self._sums.copy(), self._weights.copy(), self._origin
+            sums, weights, origin, stitched = self._sums.copy(), self._weights.copy(), self._origin, self.counts["stitched"]
         covered = weights > min_weight
         image = np.zeros_like(sums)
         image[covered] = sums[covered] / weights[covered]
         return MosaicImage(image, weights, covered, (origin[1] * self.pixel_size_m, origin[0] * self.pixel_size_m),
-                           self.pixel_size_m)
+                           self.pixel_size_m, stitched)
 
 
 @dataclass(frozen=True)
@@ -180,3 +181,4 @@ class MosaicImage:
     covered: np.ndarray  # bool: weights above the threshold the phase was computed with
     origin_m: Tuple[float, float]  # (x, y) of pixel [0, 0]'s corner
     pixel_size_m: float
+    stitched: int  # patches in it

@@ -367,7 +367,7 @@ class ImageRecord:
         if not picture.phase.size:
             return
         stamp = now_stamp()
-        self.publish(picture.phase, mosaic.counts["stitched"], stamp, stamp, attributes(
+        self.publish(picture.phase, picture.stitched, stamp, stamp, attributes(
             {"OriginX": picture.origin_m[0], "OriginY": picture.origin_m[1], "PixelSize": picture.pixel_size_m}))
 
     def publish_frame(self, image: np.ndarray, meta: FrameMeta) -> None:

@@ -1,6 +1,8 @@
 """Stitching geometry: where patches land, sub-pixel placement, resets, the memory bound."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,23 @@ def test_a_fixed_extent_keeps_its_size():
     mosaic.add(np.ones((8, 8), np.float32), (50 * PIXEL, 25 * PIXEL), 1)
     mosaic.add(np.ones((8, 8), np.float32), (1000 * PIXEL, 25 * PIXEL), 2)
     assert mosaic.snapshot().phase.shape == shape and mosaic.counts["outside"] == 1
+
+
+def test_a_snapshot_counts_exactly_the_patches_it_holds_while_patches_arrive():
+    # P:Mosaic's uniqueId is this count: read after the canvas, it once named a patch the image lacked.
+    mosaic = Mosaic(PIXEL, make_window((8, 8), "flat"))
+    patches = 100
+
+    def stitch():
+        for index in range(patches):  # 10 pixels apart: no two overlap
+            mosaic.add(np.ones((8, 8), np.float32), ((10 + 10 * index) * PIXEL, 10 * PIXEL), unique_id=index + 1)
+
+    worker = threading.Thread(target=stitch)
+    worker.start()
+    seen = []
+    while worker.is_alive() or not seen:
+        picture = mosaic.snapshot()
+        seen.append((int(picture.covered.sum()), picture.stitched))
+    worker.join()
+    assert all(covered == 64 * stitched for covered, stitched in seen), [s for s in seen if s[0] != 64 * s[1]][:5]
+    assert mosaic.snapshot().stitched == patches
