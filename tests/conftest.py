@@ -38,11 +38,9 @@ def close_client_children() -> Iterator[None]:
 @pytest.fixture
 def appliance_env() -> Dict[str, str]:
     """Environment for an appliance subprocess that must find this process's detector stand-in."""
-    env = dict(os.environ)
-    env.update(loopback_env(APPLIANCE_PORTS))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    from harness import appliance_process_env
+
+    return appliance_process_env(APPLIANCE_PORTS)
 
 
 @pytest.fixture

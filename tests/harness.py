@@ -6,9 +6,24 @@ the test process.
 """
 from __future__ import annotations
 
+import os
+from typing import Dict
+
 from appliance.sim.child_client import put_string  # noqa: F401
 from appliance.sim.process import ApplianceProcess, write_config  # noqa: F401
+from appliance.sim.loopback import Ports, loopback_env
 from appliance.sim.viewer import Received, Viewer as Collector  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def appliance_process_env(ports: Ports) -> Dict[str, str]:
+    """This process's environment for an appliance child serving on ``ports`` (it finds the test's detector)."""
+    env = dict(os.environ)
+    env.update(loopback_env(ports))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def fill(ring, count: int, seed: int = 0, high: float = 1000.0):

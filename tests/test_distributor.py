@@ -16,9 +16,9 @@ import pytest
 from appliance.config import parse_config
 from appliance.pva import monitor_request
 from appliance.schema import SchemaError
-from appliance.sim.loopback import free_ports, loopback_env
+from appliance.sim.loopback import free_ports
 from appliance.sim.process import ApplianceProcess, write_config
-from harness import Collector
+from harness import Collector, appliance_process_env
 from onnx_models import affine_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,15 +62,6 @@ def test_check_config_shows_the_distributor(tmp_path):
     assert "    updates: 4\n" in result.stdout
 
 
-def instance_env(own):
-    """An appliance process of its own ports (it finds this test's detector)."""
-    env = dict(os.environ)
-    env.update(loopback_env(own))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def test_two_instances_split_the_stream_and_count_the_holes_as_peer_ids(tmp_path, names, detector):
     model = affine_model(str(tmp_path / "identity.onnx"), size=16)
     ports = [free_ports(), free_ports()]
@@ -81,7 +72,7 @@ def test_two_instances_split_the_stream_and_count_the_holes_as_peer_ids(tmp_path
             config = write_config(str(tmp_path / "config{}.yaml".format(index)), names["detector"], prefix,
                                   engine_path=model, detector={"distributor": {"enabled": True, "group": "g",
                                                                                "updates": 2}})
-            apps.append(ApplianceProcess(config, instance_env(own), prefix))
+            apps.append(ApplianceProcess(config, appliance_process_env(own), prefix))
             apps[-1].wait_ready()
             viewers.append(Collector(prefix + ":Phase"))
         image = np.ones((16, 16), np.uint16)
