@@ -14,9 +14,10 @@ EXIT_BAD_INPUT = 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    from appliance.pva import exit_without_teardown
     from appliance.service import serve
 
-    return serve(args.config)
+    exit_without_teardown(serve(args.config))
 
 
 def _check_config(args: argparse.Namespace) -> int:

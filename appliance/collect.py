@@ -12,6 +12,7 @@ here; docs/deploy.md says why.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import logging
 import queue
@@ -379,6 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Exit codes as ``run``: 0 stopped cleanly, 1 the merge thread died, 2 bad configuration."""
+    from appliance.pva import exit_without_teardown
     from appliance.service import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, Notifier, SignalWaiter, configure_logging
 
     if args.check:
@@ -391,6 +393,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not logging.getLogger().handlers:
         configure_logging()
+    faulthandler.enable()  # a crash's stacks reach the journal
     notify = Notifier()
     try:
         config = load_collect_config(args.config)
@@ -407,7 +410,7 @@ def main(args: argparse.Namespace) -> int:
         notify("STATUS=startup failed: " + first_line(exc))
         return EXIT_CONFIG
     notify("READY=1")
-    return _serve(collector, notify, signals, (EXIT_OK, EXIT_FAILED))
+    exit_without_teardown(_serve(collector, notify, signals, (EXIT_OK, EXIT_FAILED)))
 
 
 def _serve(collector: Collector, notify: Any, signals: Any, codes: Tuple[int, int]) -> int:

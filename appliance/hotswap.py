@@ -309,8 +309,12 @@ class EngineManager:
         self._wake.set()
 
     def select_initial(self) -> Optional[Engine]:
-        """The newest valid engine now, before the stream exists (start-up)."""
-        return self._select()
+        """The newest valid engine now, before the stream exists (start-up).
+
+        A file changed within ``settle_s`` is judged as it is: no event history
+        exists yet, and waiting would start a service just installed with no engine.
+        """
+        return self._select(wait_for_fresh=False)
 
     def status(self) -> Dict[str, object]:
         builds = self._builds.status() if self._builds is not None else {}
@@ -412,12 +416,12 @@ class EngineManager:
             self._reconcile()
 
     def _reconcile(self) -> None:
-        engine = self._select()
+        engine = self._select(wait_for_fresh=True)
         if engine is not None:
             self._serve(engine)
             self.swaps += 1
 
-    def _select(self) -> Optional[Engine]:
+    def _select(self, wait_for_fresh: bool) -> Optional[Engine]:
         """The newest file that validates, unless that is the one already serving in its best form.
 
         Files older than the serving one are not considered while it is there: a
@@ -425,7 +429,7 @@ class EngineManager:
         written, keeps serving from memory rather than giving way, silently, to an
         older model. Files being written are judged once they have settled.
         """
-        for path, pending in self._candidates():
+        for path, pending in self._candidates(wait_for_fresh):
             if path == self.active_path:
                 return None if pending else self._active_again(path)
             engine = None if pending else self._judge(path)
@@ -535,8 +539,14 @@ class EngineManager:
         self._contents[path] = (stamp, content)
         return content
 
-    def _candidates(self) -> List[Tuple[str, bool]]:
-        """(path, pending) of the engine files, newest first; pending: being written, or not settled yet."""
+    def _candidates(self, wait_for_fresh: bool) -> List[Tuple[str, bool]]:
+        """(path, pending) of the engine files, newest first; pending: being written, or not settled yet.
+
+        ``wait_for_fresh``: a file changed within ``settle_s`` whose events have not
+        been read yet (it appeared between the last read and this listing, or a
+        rescan forgot what was being written) is pending too, and settles as if its
+        change had just been seen: judged at once, it could be read half-written.
+        """
         try:
             names = os.listdir(self._directory)
             self._directory_error = None
@@ -551,15 +561,21 @@ class EngineManager:
         present = {os.path.join(self._directory, name) for name in names}
         for gone in [p for p in self._contents if os.path.dirname(p) == self._directory and p not in present]:
             del self._contents[gone]
+        fresh_since = time.time_ns() - int(self._config.settle_s * 1e9)
         stamped = []
         for name in names:
             if not is_candidate(name):
                 continue
             path = os.path.join(self._directory, name)
             try:
-                stamped.append((_deployed_ns(path), path, name in writing))
+                deployed = _deployed_ns(path)
             except OSError:
                 continue
+            pending = name in writing
+            if wait_for_fresh and not pending and deployed > fresh_since:
+                self._note_event(name, closed=True)
+                pending = True
+            stamped.append((deployed, path, pending))
         return [(path, pending) for _, path, pending in sorted(stamped, reverse=True)]
 
     def _reject_unread(self, path: str, reason: str) -> None:

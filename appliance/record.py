@@ -13,7 +13,6 @@ counted as missing. Needs h5py (extra ``record``).
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import signal
 import sys
@@ -149,7 +148,7 @@ def _detector(args: argparse.Namespace) -> DetectorConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from appliance.pva import FrameSource
+    from appliance.pva import FrameSource, exit_without_teardown
 
     try:
         detector = _detector(args)
@@ -196,11 +195,9 @@ def main(args: argparse.Namespace) -> int:
     print("recorded {} frames ({:.1f} MiB) to {}; {} missing upstream, {} repeated skipped, {} lost here; "
           "stopped: {}".format(scan.count, scan.nbytes / 2.0 ** 20, args.file, recorder.counts["missing"],
                                recorder.counts["repeated"], lost_here, reason), flush=True)
-    sys.stderr.flush()
-    # The file is closed and the summary out: nothing is left to do. The process leaves without
-    # tearing pvapy's monitor down while the detector still streams: one run of the test suite died
-    # of a SIGSEGV after the frame bound was reached, before the file was closed (pvapy 5.6).
-    os._exit(0 if scan.count else 1)
+    # The file is closed and the summary out; pvapy's monitor is not torn down while the detector
+    # still streams.
+    exit_without_teardown(0 if scan.count else 1)
 
 
 def _record(recorder: Recorder, frames: "queue.Queue[Any]", stopping: threading.Event,

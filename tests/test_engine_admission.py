@@ -48,7 +48,7 @@ class Directory:
         self.path = path
         self.path.mkdir(exist_ok=True)
         self.served: "queue.Queue[Engine]" = queue.Queue()
-        self.config = EngineConfig(directory=str(path), settle_s=0.05, **config)
+        self.config = EngineConfig(**dict({"directory": str(path), "settle_s": 0.05}, **config))
         self.manager = EngineManager(self.config, 8, self.served.put)
 
     def initial(self) -> Optional[Engine]:
@@ -389,3 +389,25 @@ def test_external_data_inside_the_model_directory_is_used(external):
     engine = open_engine(external_scale_model(external / "model.onnx", "weights.bin"))
     frames = np.ones((2, SIZE, SIZE), np.float32)
     np.testing.assert_array_equal(engine.run(frames)[PHASE], 3.0 * frames)
+
+
+def test_a_rescan_in_the_middle_of_a_copy_waits_for_the_copy_to_end(directory, tmp_path):
+    # systemctl reload while scp writes: the rescan forgets which files were being written, and a file
+    # changed within settle_s must still wait (on the old code it was judged half-written and rejected).
+    engines = directory(settle_s=3.0)
+    model(engines.path / "first.onnx", age_s=60)
+    assert engines.initial().name == "first.onnx"
+    engines.manager.start()
+    with open(model(tmp_path / "second.onnx", scale=2.0), "rb") as source:
+        data = source.read()
+    with open(str(engines.path / "second.onnx"), "wb") as copy:
+        copy.write(data[: len(data) // 2])
+        copy.flush()
+        engines.manager.rescan()
+        wait_for(lambda: not engines.manager._rescan_requested, "the rescan taken")  # no public event for it
+        served_while_copying = [v["file"] for v in engines.manager.status()["engine_verdicts"]]
+        copy.write(data[len(data) // 2 :])
+    assert engines.next_served().name == "second.onnx"
+    verdicts = [v for v in engines.manager.status()["engine_verdicts"] if v["file"] == "second.onnx"]
+    assert [v["accepted"] for v in verdicts] == [True], verdicts
+    assert "second.onnx" not in served_while_copying

@@ -238,7 +238,8 @@ def test_the_collector_unit_merges_the_appliance_sandboxed_and_stops_cleanly(run
     assert collector["user"] == "ptychonn-edge"
     assert collector["stop"]["rc"] == 0
     final = collector["after_stop"]
-    assert (final["ActiveState"], final["Result"], final["ExecMainStatus"]) == ("inactive", "success", "0"), final
+    assert (final["ActiveState"], final["Result"], final["ExecMainStatus"]) == ("inactive", "success", "0"), (
+        final, collector["journal"])
 
 
 def test_logs_reach_the_journal_with_structured_fields(run):
