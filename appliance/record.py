@@ -216,11 +216,12 @@ def _record(recorder: Recorder, frames: "queue.Queue[Any]", stopping: threading.
                 if last is not None and now - last > args.idle_s:
                     return "no frame for --idle-s {:g} s (the scan ended)".format(args.idle_s)
                 continue
-            last = time.monotonic()
             try:
                 reason = recorder.take(frame)
             except FrameError as exc:
                 return str(exc)
+            if recorder.last_id is not None:  # not the held current value, perhaps an earlier scan's last frame
+                last = time.monotonic()
             if reason:
                 return reason
         return "SIGTERM"

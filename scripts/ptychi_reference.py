@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -25,33 +25,46 @@ from appliance.sim.scan import ScanSimulation  # noqa: E402
 
 def reconstruct(sim: ScanSimulation, algorithm: str, epochs: int, refine_probe: bool) -> np.ndarray:
     """The complex object Pty-Chi retrieves on the simulator's object grid (same origin and pixels)."""
+    n = sim.config.patch_size
+    frames = sim.frame_batch(range(len(sim))).astype(np.float32)
+    if frames.shape[-1] != n:
+        raise SystemExit("the reference runs on {}x{} frames (the patch size); got {}".format(n, n, frames.shape[-1]))
+    return reconstruct_frames(frames, sim.centre_px(range(len(sim))), sim.object.shape, sim.probe,
+                              sim.config.detector.photons, sim.config.probe.energy_kev, sim.pixel_size_m,
+                              algorithm, epochs, refine_probe)
+
+
+def reconstruct_frames(frames: np.ndarray, centres_px: np.ndarray, object_shape: Tuple[int, int], probe: np.ndarray,
+                       photons: float, energy_kev: float, pixel_size_m: float, algorithm: str, epochs: int,
+                       refine_probe: bool) -> np.ndarray:
+    """Pty-Chi on measured frames: ``centres_px`` are the (row, col) beam centres in pixels of the object grid.
+
+    ``probe`` is normalised to sum |P|^2 = 1 (the simulator's convention) and
+    scaled here by the photons per frame: the simulator's far field is
+    photons * |FFT(P O)|^2 / n^2, Pty-Chi's is |FFT(P O)|^2.
+    """
     import torch
     import ptychi.api as api
     from ptychi.api.task import PtychographyTask
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    n = sim.config.patch_size
-    frames = sim.frame_batch(range(len(sim))).astype(np.float32)
-    if frames.shape[-1] != n:
-        raise SystemExit("the reference runs on {}x{} frames (the patch size); got {}".format(n, n, frames.shape[-1]))
-    # The simulator's far field is photons * |FFT(P O)|^2 / n^2 with sum |P|^2 = 1; Pty-Chi's is |FFT(P O)|^2.
-    probe = (sim.probe * np.sqrt(sim.config.detector.photons) / n).astype(np.complex64)
-    centres = sim.centre_px(range(len(sim)))  # (row, col) beam centres in object pixels
+    n = frames.shape[-1]
+    scaled = (probe * np.sqrt(photons) / n).astype(np.complex64)
     options = api.LSQMLOptions() if algorithm == "lsqml" else api.EPIEOptions()
-    options.data_options.data = frames
-    options.data_options.wavelength_m = 1.2398e-9 / sim.config.probe.energy_kev
-    options.object_options.initial_guess = torch.ones((1,) + sim.object.shape, dtype=torch.complex64)
-    options.object_options.pixel_size_m = sim.pixel_size_m
+    options.data_options.data = np.ascontiguousarray(frames, dtype=np.float32)
+    options.data_options.wavelength_m = 1.2398e-9 / energy_kev
+    options.object_options.initial_guess = torch.ones((1,) + tuple(object_shape), dtype=torch.complex64)
+    options.object_options.pixel_size_m = pixel_size_m
     options.object_options.optimizable = True
     options.object_options.determine_position_origin_coords_by = api.enums.ObjectPosOriginCoordsMethods.SPECIFIED
     options.object_options.position_origin_coords = (0.0, 0.0)
-    options.probe_options.initial_guess = torch.from_numpy(probe[None, None])
+    options.probe_options.initial_guess = torch.from_numpy(scaled[None, None])
     options.probe_options.optimizable = refine_probe
-    options.probe_position_options.position_y_px = centres[:, 0]
-    options.probe_position_options.position_x_px = centres[:, 1]
+    options.probe_position_options.position_y_px = centres_px[:, 0]
+    options.probe_position_options.position_x_px = centres_px[:, 1]
     options.probe_position_options.optimizable = False
     options.reconstructor_options.num_epochs = epochs
-    options.reconstructor_options.batch_size = min(len(sim), 32)
+    options.reconstructor_options.batch_size = min(len(frames), 32)
     if algorithm == "lsqml":
         options.reconstructor_options.noise_model = api.NoiseModels.POISSON
     options.object_options.step_size = 1.0 if algorithm == "lsqml" else 0.5
@@ -63,10 +76,15 @@ def reconstruct(sim: ScanSimulation, algorithm: str, epochs: int, refine_probe: 
 
 def scanned_area(sim: ScanSimulation) -> np.ndarray:
     """Object pixels whose summed beam intensity is at least a quarter of its peak (the mosaic's rule)."""
-    n = sim.config.patch_size
-    weight = np.zeros(sim.object.shape)
-    intensity = np.abs(sim.probe) ** 2
-    for r, c in np.floor(sim.centre_px(range(len(sim)))).astype(int) - n // 2:
+    return lit_area(sim.centre_px(range(len(sim))), sim.object.shape, sim.probe)
+
+
+def lit_area(centres_px: np.ndarray, object_shape: Tuple[int, int], probe: np.ndarray) -> np.ndarray:
+    """:func:`scanned_area` for beam centres on any object grid."""
+    n = probe.shape[0]
+    weight = np.zeros(object_shape)
+    intensity = np.abs(probe) ** 2
+    for r, c in np.floor(centres_px).astype(int) - n // 2:
         weight[r : r + n, c : c + n] += intensity
     return weight >= 0.25 * weight.max()
 

@@ -222,6 +222,43 @@ def export(model: nn.Module, path: str, opset: int) -> None:
     )
 
 
+def write_golden_and_manifest(out: str, golden_in: np.ndarray, golden_out: np.ndarray, description: str,
+                              pixel_size_m: float, build: Dict[str, str]) -> str:
+    """The exported model's golden pair (its own ONNX outputs) and manifest beside it: what hot swap checks."""
+    stem = os.path.splitext(os.path.basename(out))[0]
+    np.save(os.path.join(os.path.dirname(out), stem + ".golden-input.npy"), golden_in.astype(np.float32))
+    np.save(os.path.join(os.path.dirname(out), stem + ".golden-phase.npy"), golden_out.astype(np.float32))
+    manifest = Manifest(
+        description=description,
+        outputs={"phase": OUTPUT_NAME},
+        pixel_size_m=pixel_size_m,
+        preprocess=TrainedPreprocess(crop=(0, 0, 0, 0), bin=1),
+        golden=GoldenPair(input=stem + ".golden-input.npy", phase=stem + ".golden-phase.npy", atol=0.02, rtol=0.01),
+        sha256=file_sha256(out),
+        build=build,
+    )
+    path = write_manifest(out, manifest)
+    log("wrote {}".format(path))
+    return path
+
+
+def from_onnx(path: str) -> PtychoNNSmall:
+    """An exported model (BatchNorm folded) back in PyTorch, to fine-tune it: the graph's initializers
+    carry the module's own parameter names."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(path).graph.initializer}
+    model = PtychoNNSmall(Normalise(torch.zeros(128, 128), torch.ones(128, 128)))
+    model.fold_batchnorm()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise SystemExit("{} is not a PtychoNNSmall export: no {}".format(path, ", ".join(missing[:3])))
+    model.load_state_dict({name: weights[name] for name in expected})
+    return model
+
+
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -270,9 +307,6 @@ def main() -> int:
     torch_out = predict(model, golden_in)
     log("onnx vs torch max |diff| on the golden batch: {:.2e}".format(float(np.abs(torch_out - golden_out).max())))
 
-    stem = os.path.splitext(os.path.basename(out))[0]
-    np.save(os.path.join(os.path.dirname(out), stem + ".golden-input.npy"), golden_in.astype(np.float32))
-    np.save(os.path.join(os.path.dirname(out), stem + ".golden-phase.npy"), golden_out.astype(np.float32))
     build = {
         "torch": str(torch.__version__),
         "opset": str(args.opset),
@@ -289,20 +323,12 @@ def main() -> int:
         "test_mosaic_skill": "{:.3f}".format(test["test_128"]["mosaic_skill"]),
         "command": "python scripts/train_ptychonn.py " + " ".join(sys.argv[1:]),
     }
-    manifest = Manifest(
-        description=(
-            "PtychoNN edge model (phase only) trained on simulated etched samples; input raw counts "
-            "(any photon budget: each frame is rescaled to 1e6 photons, log1p'd and standardised per pixel inside the graph); "
-            "output phase in rad, background 0, meaningful within the beam (~{:.0f} nm)".format(sims["test_128"].beam_diameter_m * 1e9)
-        ),
-        outputs={"phase": OUTPUT_NAME},
-        pixel_size_m=test_config.pixel_size_m,
-        preprocess=TrainedPreprocess(crop=(0, 0, 0, 0), bin=1),
-        golden=GoldenPair(input=stem + ".golden-input.npy", phase=stem + ".golden-phase.npy", atol=0.02, rtol=0.01),
-        sha256=file_sha256(out),
-        build=build,
+    description = (
+        "PtychoNN edge model (phase only) trained on simulated etched samples; input raw counts "
+        "(any photon budget: each frame is rescaled to 1e6 photons, log1p'd and standardised per pixel inside the graph); "
+        "output phase in rad, background 0, meaningful within the beam (~{:.0f} nm)".format(sims["test_128"].beam_diameter_m * 1e9)
     )
-    log("wrote {}".format(write_manifest(out, manifest)))
+    write_golden_and_manifest(out, golden_in, golden_out, description, test_config.pixel_size_m, build)
     summary = {"validation_rmse_rad": val_rmse, "data_seconds": data_seconds, **done, "test": test, "parameters": parameters}
     print(json.dumps(summary, indent=1))
     return 0

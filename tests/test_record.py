@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from typing import List
 
 import numpy as np
@@ -92,6 +93,24 @@ def test_recording_stops_at_the_frame_bound_and_says_so(tmp_path, appliance_env)
             np.testing.assert_allclose(handle["positions_m"][()][3], (4.5e-6, -1.5e-6))  # um motors, in metres
             assert handle.attrs["stop_reason"] == "--max-frames 50 reached"
         assert record.lines[-1].endswith("stopped: --max-frames 50 reached")
+    finally:
+        detector.close()
+
+
+def test_an_earlier_scans_last_frame_does_not_start_the_idle_clock(tmp_path, appliance_env):
+    detector = DetectorProcess("REC3:det")
+    try:
+        detector.stream(frames(5), rate_hz=500)  # an earlier scan: its last frame stays the PV's value
+        out = tmp_path / "next.h5"
+        record = RecordProcess(appliance_env, str(out), "--pv", "REC3:det", "--idle-s", "0.5")
+        record.wait_connected()
+        time.sleep(1.5)  # the next scan starts later than --idle-s: the case under test, not a wait for an event
+        assert record.process.poll() is None, "record ended before the scan: {}".format(record.lines)
+        detector.stream(frames(30), rate_hz=500)
+        assert record.finish() == 0, record.lines
+        with h5py.File(out, "r") as handle:
+            np.testing.assert_array_equal(handle["unique_id"][()], np.arange(1, 31))
+            assert handle.attrs["stop_reason"] == "no frame for --idle-s 0.5 s (the scan ended)"
     finally:
         detector.close()
 
