@@ -12,15 +12,18 @@ sampled ``m = frame_size // patch_size`` times finer, with a dead border of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence, Tuple
 
 import numpy as np
 
 from appliance.schema import check
+from appliance.sim.trajectory import GOLDEN_ANGLE
 
 PLANCK_EV_M = 1.239841984e-6  # h c in eV * m
 FRAME_DTYPES = ("uint16", "uint32", "int32")
+DETECTOR_LAYOUTS = ("none", "eiger", "medipix")  # the gap geometries are in detector_model.py
+MAX_ABERRATION_WAVES = 4.0
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,34 @@ class ProbeConfig:
     the focus, which widens the beam to about 2 NA defocus and gives it the
     curved phase that lets a single diffraction pattern tell an object from its
     twin.
+
+    The rest is what makes a real zone plate less than ideal, all off by default:
+
+    - ``osa_leak``: the order-sorting aperture lets some unfocused zero-order
+      light through, a flat wave over a disc of ``osa_radius_m`` at the sample;
+      its amplitude as a fraction of the focused beam's peak amplitude.
+    - ``astigmatism``, ``coma``, ``spherical``: pupil phase in waves of the
+      unnormalised Zernike polynomials Z(2,2) = rho^2 cos 2theta,
+      Z(3,1) = (3 rho^3 - 2 rho) cos theta and Z(4,0) = 6 rho^4 - 6 rho^2 + 1
+      (each 1 at the pupil rim, theta from the x axis).
+    - ``coherence_modes``, ``source_size``: an extended source. Each source point
+      is one mode: a linear pupil phase tilt, which moves the focus sideways;
+      ``source_size`` is the Gaussian sigma of that tilt in waves at the pupil
+      rim, s waves moving the focus by s lambda / NA (a demagnified source of
+      sigma d at the focus has ``source_size = d NA / lambda``).
     """
 
     energy_kev: float = field(default=10.0, metadata=check(lambda v: 0.1 <= v <= 100, "0.1..100 keV"))
     pupil_fraction: float = field(default=0.5, metadata=check(lambda v: 0 < v <= 1, "0 < fraction <= 1"))
     central_stop: float = field(default=0.0, metadata=check(lambda v: 0 <= v < 1, "0 <= fraction < 1"))
     defocus_m: float = field(default=100e-6, metadata=check(lambda v: abs(v) < 1, "|defocus| < 1 m"))
+    osa_leak: float = field(default=0.0, metadata=check(lambda v: 0 <= v < 1, "0 <= amplitude fraction < 1"))
+    osa_radius_m: float = field(default=0.6e-6, metadata=check(lambda v: 0 < v < 1e-3, "0 < radius < 1 mm"))
+    astigmatism: float = field(default=0.0, metadata=check(lambda v: abs(v) <= MAX_ABERRATION_WAVES, "-4..4 waves"))
+    coma: float = field(default=0.0, metadata=check(lambda v: abs(v) <= MAX_ABERRATION_WAVES, "-4..4 waves"))
+    spherical: float = field(default=0.0, metadata=check(lambda v: abs(v) <= MAX_ABERRATION_WAVES, "-4..4 waves"))
+    coherence_modes: int = field(default=1, metadata=check(lambda v: 1 <= v <= 64, "1..64 modes"))
+    source_size: float = field(default=0.0, metadata=check(lambda v: 0 <= v <= 4, "0..4 waves at the pupil rim"))
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,11 @@ class DetectorSpec:
     ``photons`` is the number of photons hitting the sample per frame; the
     frame sums to that times the sample's transmission (before noise and
     saturation).
+
+    ``layout`` (chip and module gaps), ``dead_fraction``, ``background`` (mean
+    counts per pixel before Poisson noise) and ``flat_field_error`` (relative
+    per-pixel gain spread) are the imperfections of a real unit; see
+    ``detector_model.py``. All are off by default.
     """
 
     frame_size: int = field(default=128, metadata=check(lambda v: 8 <= v <= 8192, "8..8192 pixels"))
@@ -55,6 +85,10 @@ class DetectorSpec:
     saturation: int = field(default=65535, metadata=check(lambda v: v >= 1, ">= 1 count"))
     dtype: str = field(default="uint16", metadata=check(lambda v: v in FRAME_DTYPES, ", ".join(FRAME_DTYPES)))
     poisson: bool = True
+    layout: str = field(default="none", metadata=check(lambda v: v in DETECTOR_LAYOUTS, ", ".join(DETECTOR_LAYOUTS)))
+    dead_fraction: float = field(default=0.0, metadata=check(lambda v: 0 <= v <= 0.5, "0..0.5 of the pixels"))
+    background: float = field(default=0.0, metadata=check(lambda v: 0 <= v <= 1e6, "0..1e6 counts per pixel"))
+    flat_field_error: float = field(default=0.0, metadata=check(lambda v: 0 <= v <= 0.5, "0..0.5 relative gain spread"))
 
 
 def wavelength_m(energy_kev: float) -> float:
@@ -77,20 +111,88 @@ def oversampling(frame_size: int, patch_size: int) -> Tuple[int, int]:
 def make_probe(config: ProbeConfig, patch_size: int, pixel_size_m: float) -> np.ndarray:
     """Complex probe on the ``patch_size`` grid, centred at pixel (N/2, N/2), with sum |P|^2 = 1.
 
-    Built on a twice larger grid and cropped, so the side lobes fall off
-    instead of wrapping around the window.
+    With several coherence modes this is the central source point's mode: the
+    probe a reconstruction that ignores partial coherence would find.
     """
+    return _probe(config, patch_size, pixel_size_m, (0.0, 0.0))
+
+
+def probe_modes(config: ProbeConfig, patch_size: int, pixel_size_m: float) -> Tuple[np.ndarray, np.ndarray]:
+    """((K, N, N) complex64 modes, each with sum |P|^2 = 1; (K,) weights summing to 1).
+
+    A partially coherent beam's diffraction pattern is the weighted sum of its
+    modes' intensities, so the weights conserve the photon budget.
+    """
+    tilts, weights = source_points(config.coherence_modes, config.source_size)
+    modes = np.stack([_probe(config, patch_size, pixel_size_m, (ty, tx)) for ty, tx in tilts])
+    return modes, weights
+
+
+def source_points(count: int, sigma: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(count, 2) pupil tilts (y, x) in waves at the rim and their Gaussian weights, summing to 1.
+
+    Points on a Fermat spiral out to 2 sigma each stand for the same area of
+    the source, so Gaussian weights sample a Gaussian source; point 0 is its
+    centre, so one mode is the coherent probe.
+    """
+    n = np.arange(count)
+    radius = 2.0 * sigma * np.sqrt(n / max(count - 1, 1))
+    theta = n * GOLDEN_ANGLE
+    weights = np.exp(-0.5 * (radius / sigma) ** 2) if sigma > 0 else np.ones(count)
+    return np.stack([radius * np.sin(theta), radius * np.cos(theta)], axis=1), weights / weights.sum()
+
+
+def random_probe(rng: np.random.Generator, base: ProbeConfig = ProbeConfig()) -> ProbeConfig:
+    """Another plausible zone plate and alignment, so that training meets more than one probe.
+
+    Defocus within 20% of the base (the in-line hologram condition
+    lambda * defocus ~ N dx^2 still roughly holds), a central stop up to 0.45 of
+    the pupil, and up to 0.25 waves of each aberration at the rim (about the
+    quarter-wave limit of an optic still called diffraction limited).
+    """
+    return replace(
+        base,
+        defocus_m=base.defocus_m * float(rng.uniform(0.8, 1.2)),
+        central_stop=float(rng.uniform(0.0, 0.45)),
+        astigmatism=float(rng.uniform(-0.25, 0.25)),
+        coma=float(rng.uniform(-0.25, 0.25)),
+        spherical=float(rng.uniform(-0.25, 0.25)),
+    )
+
+
+def _probe(config: ProbeConfig, patch_size: int, pixel_size_m: float, tilt_waves: Tuple[float, float]) -> np.ndarray:
+    """One mode, built on a twice larger grid and cropped, so the side lobes fall off instead of wrapping around."""
     size = 2 * patch_size
     q = np.fft.fftfreq(size)  # cycles per pixel
     qy, qx = np.meshgrid(q, q, indexing="ij")
     radius = np.hypot(qy, qx) / 0.5  # 1 at the frame's edge
     pupil = (radius <= config.pupil_fraction) & (radius >= config.central_stop * config.pupil_fraction)
-    field_at_focus = np.fft.ifft2(pupil.astype(np.complex128))
+    pupil = pupil.astype(np.complex128)
+    waves = _pupil_waves(config, qy / (0.5 * config.pupil_fraction), qx / (0.5 * config.pupil_fraction), tilt_waves)
+    if np.any(waves):
+        pupil *= np.exp(2j * np.pi * waves)
+    field_at_focus = np.fft.ifft2(pupil)
     probe = fresnel_propagate(field_at_focus, config.defocus_m, wavelength_m(config.energy_kev), pixel_size_m)
     probe = np.fft.fftshift(probe)
+    if config.osa_leak:
+        yy, xx = np.indices(probe.shape) - size // 2
+        disc = np.hypot(yy, xx) <= config.osa_radius_m / pixel_size_m
+        probe = probe + config.osa_leak * np.abs(probe).max() * disc
     start = size // 2 - patch_size // 2
     probe = probe[start : start + patch_size, start : start + patch_size]
     return (probe / np.sqrt(np.sum(np.abs(probe) ** 2))).astype(np.complex64)
+
+
+def _pupil_waves(config: ProbeConfig, y: np.ndarray, x: np.ndarray, tilt_waves: Tuple[float, float]) -> np.ndarray:
+    """Pupil phase in waves at pupil coordinates (y, x), 1 at the rim: aberrations and a source point's tilt."""
+    rho2 = x ** 2 + y ** 2
+    return (
+        config.astigmatism * (x ** 2 - y ** 2)
+        + config.coma * (3 * rho2 - 2) * x
+        + config.spherical * (6 * rho2 ** 2 - 6 * rho2 + 1)
+        + tilt_waves[0] * y
+        + tilt_waves[1] * x
+    )
 
 
 def fresnel_propagate(wave: np.ndarray, distance_m: float, wavelength: float, pixel_size_m: float) -> np.ndarray:
@@ -145,7 +247,7 @@ def far_field(exit_waves: np.ndarray, m: int) -> np.ndarray:
 
 
 def expected_counts(exit_waves: np.ndarray, detector: DetectorSpec) -> np.ndarray:
-    """Noiseless photon counts per pixel: (n, frame_size, frame_size) float64.
+    """Noiseless photon counts per pixel: (n, frame_size, frame_size) float32 (the exit waves are complex64).
 
     With the probe normalised to sum |P|^2 = 1, Parseval makes each frame sum
     to ``photons`` times the fraction the sample transmits.

@@ -7,6 +7,11 @@ Pixel (i, j) of a frame's phase patch lies at
 ``x = x_i + (j - patch_size / 2) * pixel_size_m`` (and likewise in y): the
 beam centre is the patch's pixel (patch_size/2, patch_size/2).
 
+``positions_m`` are the nominal positions, what the instrument reports and a
+reconstruction is given; ``actual_positions_m`` are where the beam really was
+(they differ by ``scan.position_error_m``), which the frames and the
+ground-truth patches follow.
+
 Frames are computed on demand, in chunks, and each one only depends on the
 seed and its index, so a server can stream a scan of any length at any rate
 without holding it in memory.
@@ -23,6 +28,7 @@ import numpy as np
 from appliance import schema
 from appliance.schema import check
 from appliance.sim import physics, trajectory
+from appliance.sim.detector_model import DetectorUnit
 from appliance.sim.objects import ObjectConfig, make_phase, transmission
 from appliance.sim.physics import DetectorSpec, ProbeConfig
 from appliance.sim.trajectory import ScanConfig
@@ -39,6 +45,7 @@ class SimulationConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     detector: DetectorSpec = field(default_factory=DetectorSpec)
     scan: ScanConfig = field(default_factory=ScanConfig)
+    detector_seed: int = 0  # the detector unit: its dead pixels and gains, the same for every scan with it
 
 
 @dataclass(frozen=True)
@@ -51,21 +58,31 @@ class ScanPoint:
 
 
 class ScanSimulation:
-    """The sample, probe and trajectory of one scan; frames on demand."""
+    """The sample, probe and trajectory of one scan; frames on demand.
+
+    ``probe_modes`` and ``mode_weights`` are the partially coherent beam
+    (one mode, weight 1, by default); ``probe`` is its central mode.
+    """
 
     def __init__(self, config: Optional[SimulationConfig] = None) -> None:
         self.config = config or SimulationConfig()
         cfg = self.config
         physics.oversampling(cfg.detector.frame_size, cfg.patch_size)  # reject bad sizes early
         self.positions_m = trajectory.positions(cfg.scan)
-        span_px = (self.positions_m.max(axis=0) - self.positions_m.min(axis=0)) / cfg.pixel_size_m
+        self.actual_positions_m = trajectory.actual_positions(cfg.scan, self.positions_m, cfg.seed)
+        self.fly_offsets_m = trajectory.fly_offsets(cfg.scan)
+        lit = [self.actual_positions_m + (dx, 0.0) for dx in (self.fly_offsets_m[0], self.fly_offsets_m[-1])]
+        extent = np.concatenate([self.positions_m] + lit)  # the sample must hold every window the beam lights
+        span_px = (extent.max(axis=0) - extent.min(axis=0)) / cfg.pixel_size_m
         size = (int(np.ceil(span_px[1])) + cfg.patch_size + 2 * MARGIN_PX, int(np.ceil(span_px[0])) + cfg.patch_size + 2 * MARGIN_PX)
-        centre_m = (self.positions_m.max(axis=0) + self.positions_m.min(axis=0)) / 2
+        centre_m = (extent.max(axis=0) + extent.min(axis=0)) / 2
         self.origin_m = centre_m - np.array([(size[1] - 1) / 2.0, (size[0] - 1) / 2.0]) * cfg.pixel_size_m
         rng = np.random.default_rng(cfg.seed)
         self.object_phase = make_phase(cfg.sample, size, rng)
         self.object = transmission(self.object_phase, cfg.sample.absorption_ratio)
-        self.probe = physics.make_probe(cfg.probe, cfg.patch_size, cfg.pixel_size_m)
+        self.probe_modes, self.mode_weights = physics.probe_modes(cfg.probe, cfg.patch_size, cfg.pixel_size_m)
+        self.probe = self.probe_modes[0]
+        self.detector_unit = DetectorUnit(cfg.detector, cfg.detector_seed)
 
     @property
     def pixel_size_m(self) -> float:
@@ -84,29 +101,50 @@ class ScanSimulation:
         return 1.0 - self.config.scan.step_m / self.beam_diameter_m
 
     def centre_px(self, indices: Sequence[int]) -> np.ndarray:
-        """(n, 2) beam centres as (row, col) in object pixels, fractional."""
-        xy = (self.positions_m[np.asarray(indices)] - self.origin_m) / self.pixel_size_m
+        """(n, 2) nominal beam centres as (row, col) in object pixels, fractional: what a reconstruction is told."""
+        return self._to_px(self.positions_m[np.asarray(indices)])
+
+    def true_centre_px(self, indices: Sequence[int]) -> np.ndarray:
+        """(n, 2) beam centres (mid-exposure) where the frames were really taken, as (row, col) object pixels."""
+        return self._to_px(self.actual_positions_m[np.asarray(indices)])
+
+    def _to_px(self, positions_m: np.ndarray) -> np.ndarray:
+        xy = (positions_m - self.origin_m) / self.pixel_size_m
         return xy[:, ::-1]
 
     def expected(self, indices: Sequence[int]) -> np.ndarray:
-        """Noiseless counts of the given frames, (n, frame_size, frame_size) float64."""
-        centres = self.centre_px(indices)
+        """Noiseless counts of the given frames, (n, frame_size, frame_size) float32.
+
+        The incoherent sum over the probe modes, averaged over the beam's
+        positions during a fly-scan exposure.
+        """
+        centres = self.true_centre_px(indices)
+        shifts = [(0.0, dx) for dx in self.fly_offsets_m / self.pixel_size_m]
+        modes = list(zip(self.probe_modes, self.mode_weights))
+        terms = [(float(w) / len(shifts), mode, shift) for shift in shifts for mode, w in modes]
+        scale, mode, shift = terms[0]
+        counts = scale * self._coherent(mode, centres + shift)
+        for scale, mode, shift in terms[1:]:
+            counts += scale * self._coherent(mode, centres + shift)
+        return counts
+
+    def _coherent(self, probe: np.ndarray, centres: np.ndarray) -> np.ndarray:
         whole = np.floor(centres).astype(np.int64)
         starts = whole - self.config.patch_size // 2
         n = self.config.patch_size
         windows = np.stack([self.object[r : r + n, c : c + n] for r, c in starts])
-        waves = physics.exit_waves(self.probe, windows, centres - whole)
+        waves = physics.exit_waves(probe, windows, centres - whole)
         return physics.expected_counts(waves, self.config.detector)
 
     def frame_batch(self, indices: Sequence[int]) -> np.ndarray:
         seeds = [(self.config.seed, int(i)) for i in indices]
-        return physics.record(self.expected(indices), self.config.detector, seeds)
+        return self.detector_unit.record(self.expected(indices), seeds)
 
     def phase_patch(self, index: int) -> np.ndarray:
-        """Ground-truth phase on the frame's patch grid (bilinear between object pixels)."""
+        """Ground-truth phase on the frame's patch grid (bilinear), where the beam really was at mid-exposure."""
         half = self.config.patch_size // 2
         offsets = (np.arange(self.config.patch_size) - half) * self.pixel_size_m
-        x, y = self.positions_m[index]
+        x, y = self.actual_positions_m[index]
         return self.sample_phase(x + offsets[None, :], y + offsets[:, None])
 
     def sample_phase(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
