@@ -105,6 +105,7 @@ class FrameSource:
         self._connected = False
         self._monitoring = False
         self._live = False
+        self.update_is_current_value = False  # see _on_update
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._overruns_of_dropped = 0
@@ -163,9 +164,13 @@ class FrameSource:
 
     def _on_update(self, pv: Any) -> None:
         """The monitor callback. Its first update (the record's current value) shows the server now
-        sends us every update: only from then on are we connected (and ready for a scan)."""
-        if not self._live:
-            self._live = True
+        sends us every update: only from then on are we connected (and ready for a scan).
+
+        ``update_is_current_value`` tells the callback which update that is: after a
+        reconnect it is the record's value again, perhaps a frame already delivered.
+        """
+        self.update_is_current_value = not self._live
+        self._live = True
         self._callback(pv)
 
     def _new_channel(self) -> Any:
@@ -202,6 +207,8 @@ class FrameSource:
             connected = bool(channel.isConnected())
             with self._changed:
                 self._connected = connected
+                if not connected:
+                    self._live = False  # live again with the reconnected monitor's first update
             if connected:
                 if lost_at is not None:
                     log.info("reconnected to %s", self.pv_name)

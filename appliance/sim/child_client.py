@@ -193,7 +193,8 @@ def _monitor(args: argparse.Namespace) -> int:
         if args.kind == "status":
             writer.write({"status": pv.toDict()})
         else:
-            writer.write(dict(frame_message(pv, args.positions, args.kind == "frames"), arrived=arrived))
+            writer.write(dict(frame_message(pv, args.positions, args.kind == "frames"), arrived=arrived,
+                              current_value=source.update_is_current_value))
 
     source = FrameSource(args.pv, args.queue_size, on_update)
     source.start()

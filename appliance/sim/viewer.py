@@ -57,6 +57,9 @@ class Viewer:
         with self._changed:
             if first and self.updates:
                 return  # a restarted monitor's first update: the record's value, seen before or missed with the gap
+            if message.get("current_value") and item is not None and self.items and \
+                    item.unique_id == self.items[-1].unique_id:
+                return  # a reconnected monitor's first update: the frame it got last, delivered again
             self.updates += 1
             if item is not None:
                 self.items.append(item)
