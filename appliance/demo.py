@@ -23,6 +23,14 @@ DETECTOR_PV = "DEMO:det:Image"
 PREFIX = "DEMO"
 
 
+def model_pixel_size_m(model_path: str) -> float:
+    """The output pixel its manifest gives, or the simulator's 10 nm for a model without one."""
+    from appliance.engines.manifest import load_manifest
+
+    manifest = load_manifest(model_path)
+    return manifest.pixel_size_m if manifest and manifest.pixel_size_m else 10e-9
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="ONNX model with its manifest (default: the shipped one)")
     parser.add_argument("--points", type=int, default=1000, help="scan points")
@@ -43,7 +51,6 @@ def main(args: argparse.Namespace) -> int:
     mine, theirs = free_ports(), free_ports()
     os.environ.update(loopback_env(mine))  # before this process creates any PVA object
 
-    from appliance.engines.manifest import load_manifest
     from appliance.sim.detector import DetectorServer
     from appliance.sim.process import ApplianceProcess, write_config
     from appliance.sim.scan import ScanSimulation, SimulationConfig
@@ -51,8 +58,7 @@ def main(args: argparse.Namespace) -> int:
     from appliance.sim.viewer import Viewer, latencies_ms
     from appliance import schema
 
-    manifest = load_manifest(args.model)
-    pixel_size = manifest.pixel_size_m if manifest and manifest.pixel_size_m else 10e-9
+    pixel_size = model_pixel_size_m(args.model)
     os.makedirs(args.out, exist_ok=True)
     sim = ScanSimulation(schema.load(SimulationConfig, {
         "seed": args.seed, "pixel_size_m": pixel_size,
@@ -171,10 +177,7 @@ def accuracy(sim, picture) -> Dict[str, float]:
     """
     from appliance.sim.metrics import phase_rmse, ssim
 
-    rows, cols = picture.phase.shape
-    x = picture.origin_m[0] + np.arange(cols) * picture.pixel_size_m
-    y = picture.origin_m[1] + np.arange(rows) * picture.pixel_size_m
-    truth = sim.sample_phase(x[None, :], y[:, None])
+    truth = sim.phase_on_grid(picture.origin_m, picture.pixel_size_m, picture.phase.shape)
     scanned = picture.weights >= 0.25 * picture.weights.max()
     return {
         "ssim": ssim(picture.phase, truth, scanned),

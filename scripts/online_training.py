@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from appliance.engines.manifest import load_manifest, manifest_path  # noqa: E402
+from appliance.demo import model_pixel_size_m  # noqa: E402
+from appliance.engines.manifest import manifest_path  # noqa: E402
 from appliance.sim.metrics import phase_figures  # noqa: E402
 from ptychi_reference import lit_area, reconstruct_frames  # noqa: E402
 from ptychonn_data import beam_weight, model_input  # noqa: E402
@@ -146,11 +147,10 @@ def fine_tune(model_path: str, out: str, inputs: np.ndarray, labels: np.ndarray,
         "labels": "Pty-Chi LSQML of the recorded scans, background set to 0 rad",
         "command": "python scripts/online_training.py " + " ".join(sys.argv[1:]),
     }
-    manifest = load_manifest(model_path)
     training.write_golden_and_manifest(
         out, golden_in, infer(out, golden_in), "PtychoNN edge model fine-tuned on this beamline's recorded scans "
         "(labels retrieved iteratively by Pty-Chi); input raw counts, output phase in rad, background 0",
-        manifest.pixel_size_m if manifest and manifest.pixel_size_m else 10e-9, build)
+        model_pixel_size_m(model_path), build)
     return build
 
 
@@ -177,9 +177,7 @@ def learn(recordings: Sequence[Recording], phases: Sequence[np.ndarray], model: 
 
 def run_round(args: Namespace) -> int:
     probe = np.load(args.probe)
-    manifest = load_manifest(args.model)
-    pixel = manifest.pixel_size_m if manifest and manifest.pixel_size_m else 10e-9
-    recordings = [load_recording(path, pixel) for path in args.scans]
+    recordings = [load_recording(path, model_pixel_size_m(args.model)) for path in args.scans]
     phases = [reconstruct(r, probe, args.energy_kev, args.reference_epochs, args.refine_probe)[0] for r in recordings]
     build = learn(recordings, phases, args.model, args.out, probe, args)
     print(json.dumps(build, indent=1))
@@ -203,11 +201,7 @@ def unseen_probe():
 
 def score(phase: np.ndarray, origin_m: Sequence[float], pixel_size_m: float, area: np.ndarray, sim) -> Dict[str, float]:
     """A phase image on its own grid against the simulated sample's truth (offset removed, skill, FRC)."""
-    rows, cols = phase.shape
-    x = origin_m[0] + np.arange(cols) * pixel_size_m
-    y = origin_m[1] + np.arange(rows) * pixel_size_m
-    truth = sim.sample_phase(x[None, :], y[:, None])
-    return phase_figures(phase, truth, area, pixel_size_m)
+    return phase_figures(phase, sim.phase_on_grid(origin_m, pixel_size_m, phase.shape), area, pixel_size_m)
 
 
 class Beamline:
@@ -225,8 +219,7 @@ class Beamline:
         self.engines = os.path.join(work, "engines")
         os.makedirs(self.engines, exist_ok=True)
         deploy(model, self.engines)
-        manifest = load_manifest(model)
-        self.pixel_size_m = manifest.pixel_size_m if manifest and manifest.pixel_size_m else 10e-9
+        self.pixel_size_m = model_pixel_size_m(model)
         config = write_config(os.path.join(work, "config.yaml"), DETECTOR_PV, PREFIX, engine_dir=self.engines,
                               publish={"status_period_s": 0.5},
                               mosaic={"publish_period_s": 0.5, "pixel_size_m": self.pixel_size_m})

@@ -121,12 +121,7 @@ class ScanSimulation:
         centres = self.true_centre_px(indices)
         shifts = [(0.0, dx) for dx in self.fly_offsets_m / self.pixel_size_m]
         modes = list(zip(self.probe_modes, self.mode_weights))
-        terms = [(float(w) / len(shifts), mode, shift) for shift in shifts for mode, w in modes]
-        scale, mode, shift = terms[0]
-        counts = scale * self._coherent(mode, centres + shift)
-        for scale, mode, shift in terms[1:]:
-            counts += scale * self._coherent(mode, centres + shift)
-        return counts
+        return sum(float(w) / len(shifts) * self._coherent(mode, centres + shift) for shift in shifts for mode, w in modes)
 
     def _coherent(self, probe: np.ndarray, centres: np.ndarray) -> np.ndarray:
         whole = np.floor(centres).astype(np.int64)
@@ -146,6 +141,12 @@ class ScanSimulation:
         offsets = (np.arange(self.config.patch_size) - half) * self.pixel_size_m
         x, y = self.actual_positions_m[index]
         return self.sample_phase(x + offsets[None, :], y + offsets[:, None])
+
+    def phase_on_grid(self, origin_m: Sequence[float], pixel_size_m: float, shape: Tuple[int, int]) -> np.ndarray:
+        """Ground-truth phase on an image grid (pixel (0, 0) at ``origin_m``): a mosaic's or a reconstruction's."""
+        x = origin_m[0] + np.arange(shape[1]) * pixel_size_m
+        y = origin_m[1] + np.arange(shape[0]) * pixel_size_m
+        return self.sample_phase(x[None, :], y[:, None])
 
     def sample_phase(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
         """Ground-truth phase at arbitrary (broadcast) positions, bilinear, 0 outside the sample.
