@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,8 +66,12 @@ class Viewer:
             self._changed.notify_all()
 
     def wait_for(self, count: int, timeout: float) -> List[Received]:
+        return self.wait_until(lambda items: len(items) >= count, timeout)
+
+    def wait_until(self, done: Callable[[List[Received]], bool], timeout: float) -> List[Received]:
+        """The items so far, once ``done`` holds for them or ``timeout`` has passed (the caller checks which)."""
         with self._changed:
-            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
+            self._changed.wait_for(lambda: done(self.items), timeout)
             return list(self.items)
 
     def latest(self) -> Optional[Received]:
