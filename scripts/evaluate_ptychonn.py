@@ -35,11 +35,13 @@ from ptychonn_data import beam_weight, model_input, stitch_weight  # noqa: E402
 TEST_SEED = 12345  # the scan the shipped model's figures in docs/model.md refer to
 
 
-def infer(model_path: str, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+def infer(model_path: str, inputs: np.ndarray, batch: int = 64) -> Dict[str, np.ndarray]:
+    """Every output of the model by role ("phase", and "amplitude" where it has one)."""
     engine = open_engine(model_path, dynamic_batch=batch, cpu_threads=1)
     try:
         starts = tqdm(range(0, len(inputs), batch), desc="inference", unit="batch", disable=None)
-        return np.concatenate([engine.run(inputs[i : i + batch])["phase"] for i in starts])
+        runs = [engine.run(inputs[i : i + batch]) for i in starts]
+        return {role: np.concatenate([run[role] for run in runs]) for role in runs[0]}
     finally:
         engine.close()
 
@@ -57,7 +59,7 @@ def evaluate_scan(model_path: str, sim: ScanSimulation) -> Tuple[Dict[str, float
     n = sim.config.patch_size
     starts = tqdm(range(0, len(sim), 64), desc="simulating the scan", unit="batch", disable=None)
     inputs = np.concatenate([model_input(sim.frame_batch(indices[i : i + 64]), n) for i in starts])
-    phases = infer(model_path, inputs)
+    phases = infer(model_path, inputs)["phase"]
     truth = np.stack([sim.phase_patch(i) for i in indices])
     beam = beam_weight(sim.probe) > 0.1
     _, mosaic_truth, mosaic_phase, scanned = accuracy(sim, stitched(sim, phases))

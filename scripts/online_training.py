@@ -24,6 +24,7 @@ Needs the venv of docs/model.md (torch, ptychi, onnx, onnxruntime, h5py).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ from appliance.demo import model_pixel_size_m  # noqa: E402
 from appliance.engines.manifest import manifest_path  # noqa: E402
 from appliance.sim.metrics import phase_figures  # noqa: E402
 from ptychi_reference import lit_area, reconstruct_frames  # noqa: E402
-from ptychonn_data import beam_weight, model_input  # noqa: E402
+from ptychonn_data import Pairs, beam_weight, model_input  # noqa: E402
 
 MARGIN_PX = 8
 OFFSET_BIN_RAD = 0.01
@@ -128,11 +129,11 @@ def fine_tune(model_path: str, out: str, inputs: np.ndarray, labels: np.ndarray,
     if args.refit_normalise:  # the new probe's frames have their own per-pixel statistics
         model.net[0] = training.fit_normalise(inputs)
     held = np.arange(len(inputs)) % 10 == 0
-    data = {"train_x": inputs[~held], "train_y": labels[~held], "val_x": inputs[held], "val_y": labels[held]}
-    weight = beam_weight(probe)
+    pairs = Pairs.retrieved(inputs, labels)
+    weights = beam_weight(probe)[None]
     settings = Namespace(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
-    done = training.train(settings, model, data, weight)
-    validation = training.validate(model, data["val_x"], data["val_y"], weight)
+    done = training.train(settings, model, pairs.take(~held), pairs.take(held), weights)
+    validation = training.validate(model, pairs.take(held), weights)
     if os.path.exists(manifest_path(out)):
         os.remove(manifest_path(out))
     training.export(model, out, 17)
@@ -156,9 +157,9 @@ def fine_tune(model_path: str, out: str, inputs: np.ndarray, labels: np.ndarray,
 
 def deploy(model: str, directory: str) -> str:
     """Golden pair and manifest first, the model last by rename: the appliance sees one complete candidate."""
-    stem = os.path.splitext(os.path.basename(model))[0]
-    for suffix in (".golden-input.npy", ".golden-phase.npy"):
-        shutil.copyfile(os.path.join(os.path.dirname(model), stem + suffix), os.path.join(directory, stem + suffix))
+    stem = os.path.splitext(model)[0]
+    for golden in glob.glob(glob.escape(stem) + ".golden-*.npy"):
+        shutil.copyfile(golden, os.path.join(directory, os.path.basename(golden)))
     target = os.path.join(directory, os.path.basename(model))
     shutil.copyfile(manifest_path(model), manifest_path(target))
     shutil.copyfile(model, target + ".part")

@@ -16,8 +16,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
-from typing import Dict, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -28,15 +28,17 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn import functional  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
 
 from appliance.engines.base import file_sha256  # noqa: E402
 from appliance.engines.manifest import GoldenPair, Manifest, TrainedPreprocess, manifest_path, write_manifest  # noqa: E402
 from appliance.sim import physics  # noqa: E402
+from appliance.sim.detector_model import DetectorUnit  # noqa: E402
 from appliance.sim.objects import TRAINING  # noqa: E402
 from appliance.sim.scan import ScanSimulation, SimulationConfig  # noqa: E402
-from ptychonn_data import OVERSAMPLED_FRAME, beam_weight, training_pairs  # noqa: E402
-from evaluate_ptychonn import evaluate_scan  # noqa: E402
+from ptychonn_data import OVERSAMPLED_FRAME, Pairs, Variety, beam_weight, detector_bank, probe_bank, training_pairs  # noqa: E402
+from evaluate_ptychonn import evaluate_scan, infer  # noqa: E402
 
 # Photons per frame the input scaling refers to: a frame is rescaled to this total before log1p,
 # so the network sees the same numbers at any budget and after sum- or mean-binning.
@@ -44,6 +46,7 @@ REFERENCE_PHOTONS = 1e6
 LOSS_FLOOR = 0.01
 INPUT_NAME = "diffraction"
 OUTPUT_NAME = "phase"
+AMPLITUDE_NAME = "amplitude"
 
 
 class Normalise(nn.Module):
@@ -84,10 +87,15 @@ def _block(c_in: int, c_out: int) -> list:
 
 
 class PtychoNNSmall(nn.Module):
-    """The edge model: 4 down blocks (16/32/64/128), 4 up blocks (128/64/32/16), phase = pi * tanh."""
+    """The edge model: 4 down blocks (16/32/64/128), 4 up blocks (128/64/32/16), phase = pi * tanh.
 
-    def __init__(self, normalise: Normalise) -> None:
+    With ``amplitude`` the head has a second channel, amplitude = exp(-softplus)
+    in (0, 1]: a thin film can only absorb.
+    """
+
+    def __init__(self, normalise: Normalise, amplitude: bool = False) -> None:
         super().__init__()
+        self.amplitude = amplitude
         layers: list = [normalise]
         channels = 1
         for width in (16, 32, 64, 128):
@@ -96,11 +104,19 @@ class PtychoNNSmall(nn.Module):
         for width in (128, 64, 32, 16):
             layers += _block(channels, width) + [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
             channels = width
-        layers += [nn.Conv2d(channels, 1, 3, padding=1), nn.Tanh()]
+        layers += [nn.Conv2d(channels, 2 if amplitude else 1, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) * math.pi
+    def forward(self, x: torch.Tensor):
+        """(batch, channels, N, N): phase, then amplitude; exported, the two are the graph's named outputs."""
+        y = self.net(x)
+        if not self.amplitude:
+            return torch.tanh(y) * math.pi
+        phase = torch.tanh(y[:, :1]) * math.pi
+        amplitude = torch.exp(-functional.softplus(y[:, 1:]))
+        if torch.onnx.is_in_onnx_export():
+            return phase, amplitude
+        return torch.cat([phase, amplitude], dim=1)
 
     def fold_batchnorm(self) -> None:
         """Fold each BatchNorm into the conv before it (eval mode): the shipped graph is convs only."""
@@ -121,6 +137,54 @@ def fit_normalise(frames: np.ndarray) -> Normalise:
     return Normalise(logs.mean(dim=0), logs.std(dim=0).clamp(min=0.05))
 
 
+@dataclass
+class PoissonTerm:
+    """How far the counts of each natively recorded frame are from what the predicted object would give.
+
+    The model's object (its amplitude, or the simulator's absorption tied to
+    the phase for a phase-only model) times the pair's probe is propagated to
+    the detector as ``physics.expected_counts`` does and seen through the
+    pair's detector unit (gain, background, bad pixels). The Poisson deviance
+    against the recorded counts, per recorded count, is what a noisy frame can
+    vouch for: at 1e4 photons the L1 term alone trains on labels the frame
+    cannot support. Frames binned from 516 pixels are not re-simulated.
+    """
+
+    probes: torch.Tensor  # (P, N, N) complex64
+    gains: torch.Tensor  # (U, N, N)
+    backgrounds: torch.Tensor  # (U,)
+    counted: torch.Tensor  # (U, N, N) 1 where a pixel counts, 0 at gaps and dead pixels
+    absorption_ratio: float
+    weight: float
+
+    @classmethod
+    def of(cls, probes: np.ndarray, units: Sequence[DetectorUnit], absorption_ratio: float, weight: float) -> PoissonTerm:
+        shape = probes.shape[-2:]
+        gains = [np.ones(shape, np.float32) if u.gain is None else u.gain.astype(np.float32) for u in units]
+        return cls(torch.from_numpy(probes), torch.from_numpy(np.stack(gains)),
+                   torch.tensor([u.spec.background for u in units], dtype=torch.float32),
+                   torch.from_numpy(np.stack([~u.bad_pixels for u in units]).astype(np.float32)), absorption_ratio, weight)
+
+    def __call__(self, prediction: torch.Tensor, counts: torch.Tensor, batch: Pairs) -> torch.Tensor:
+        native = np.flatnonzero(batch.native)
+        if not len(native):
+            return prediction.new_zeros(())
+        rows = torch.from_numpy(native)
+        phase = prediction[rows, 0]
+        amplitude = prediction[rows, 1] if prediction.shape[1] > 1 else torch.exp(-self.absorption_ratio * phase)
+        probe = self.probes[torch.from_numpy(batch.probe_index[native].astype(np.int64))]
+        unit = torch.from_numpy(batch.unit_index[native].astype(np.int64))
+        wave = probe * torch.polar(amplitude, phase)
+        spectrum = torch.fft.fftshift(torch.fft.fft2(wave), dim=(-2, -1))
+        photons = torch.from_numpy(batch.photons[native])[:, None, None]
+        intensity = (spectrum.real ** 2 + spectrum.imag ** 2) / (wave.shape[-1] ** 2)
+        mean = (intensity * photons * self.gains[unit] + self.backgrounds[unit][:, None, None]).clamp(min=1e-6)
+        observed = counts[rows, 0]
+        # k log k apart from k log mu: xlogy's gradient in its second argument is 0/0 where k = 0
+        deviance = mean - observed + torch.xlogy(observed, observed) - observed * torch.log(mean)
+        return self.weight * (deviance * self.counted[unit]).sum() / observed.sum().clamp(min=1.0)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "engines", "ptychonn-small.onnx"))
@@ -131,6 +195,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--photons", type=float, nargs=2, default=(2.5e5, 4e6), help="log-uniform budget range per frame")
+    p.add_argument("--probe-variety", type=int, default=1, help="zone plates and alignments to train on (1: the test probe only)")
+    p.add_argument("--detector-variety", type=int, default=0, help="imperfect detector units besides the ideal one")
+    p.add_argument("--amplitude", action="store_true", help="a second output, the amplitude")
+    p.add_argument("--poisson-weight", type=float, default=0.0, help="weight of the Poisson deviance of re-simulated frames")
     p.add_argument("--oversampled-share", type=float, default=0.2, help="share of pairs recorded at 516x516 and binned")
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop training early (and say so) past this")
     p.add_argument("--threads", type=int, default=1)
@@ -142,13 +210,19 @@ def log(message: str) -> None:
     tqdm.write("[{}] {}".format(time.strftime("%H:%M:%S"), message))  # above a progress bar, not through it
 
 
-def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray], weight: np.ndarray) -> Dict[str, float]:
-    """Adam + cosine decay on a probe-weighted L1 loss; returns what was done."""
-    frames = torch.from_numpy(data["train_x"]).unsqueeze(1)
-    labels = torch.from_numpy(data["train_y"]).unsqueeze(1)
+def train(args: argparse.Namespace, model: PtychoNNSmall, pairs: Pairs, val: Pairs, weights: np.ndarray,
+          poisson: Optional[PoissonTerm] = None) -> Dict[str, float]:
+    """Adam + one-cycle decay on an L1 loss weighted by each pair's beam (``weights[probe_index]``),
+    plus the amplitude's L1 and the Poisson term where asked; returns what was done."""
+    if model.amplitude and pairs.amplitudes is None:
+        raise SystemExit("an amplitude model needs amplitude labels; these pairs have phases only")
+    frames = torch.from_numpy(pairs.frames).unsqueeze(1)
+    labels = torch.from_numpy(pairs.labels).unsqueeze(1)
+    if model.amplitude:
+        labels = torch.cat([labels, torch.from_numpy(pairs.amplitudes).unsqueeze(1)], dim=1)
     # A small floor outside the beam teaches the network to stay near the background there
     # instead of painting noise into the published patches.
-    w = torch.from_numpy(weight + LOSS_FLOOR)[None, None]
+    beams = torch.from_numpy(weights + LOSS_FLOOR)
     steps_per_epoch = len(frames) // args.batch
     total_steps = steps_per_epoch * args.epochs
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -166,7 +240,11 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
         for b in range(steps_per_epoch):
             idx = order[b * args.batch : (b + 1) * args.batch]
             x = frames[idx].contiguous(memory_format=torch.channels_last)
-            loss = ((model(x) - labels[idx]).abs() * w).sum() / (w.sum() * len(idx))
+            w = beams[torch.from_numpy(pairs.probe_index[idx.numpy()].astype(np.int64))].unsqueeze(1)
+            prediction = model(x)
+            loss = ((prediction - labels[idx]).abs() * w).sum() / w.sum()
+            if poisson is not None:
+                loss = loss + poisson(prediction, frames[idx], pairs.take(idx.numpy()))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -180,8 +258,8 @@ def train(args: argparse.Namespace, model: nn.Module, data: Dict[str, np.ndarray
             if time.time() - start > args.max_minutes * 60:
                 break
         epochs_done = epoch + 1
-        val = validate(model, data["val_x"], data["val_y"], weight)
-        log("epoch {} done: train L1 {:.4f}, validation weighted RMSE {:.4f} rad".format(epochs_done, running / max(b + 1, 1), val))
+        log("epoch {} done: train loss {:.4f}, validation weighted RMSE {:.4f} rad".format(
+            epochs_done, running / max(b + 1, 1), validate(model, val, weights)))
         if time.time() - start > args.max_minutes * 60:
             log("stopping early: past --max-minutes")
             break
@@ -200,40 +278,43 @@ def predict(model: nn.Module, frames: np.ndarray, batch: int = 64) -> np.ndarray
 
 
 def weighted_rmse(estimate: np.ndarray, truth: np.ndarray, weight: np.ndarray) -> float:
-    return float(np.sqrt(np.sum((estimate - truth) ** 2 * weight) / (np.sum(weight) * len(truth))))
+    return float(np.sqrt(np.sum((estimate - truth) ** 2 * weight) / np.sum(np.broadcast_to(weight, truth.shape))))
 
 
-def validate(model: nn.Module, frames: np.ndarray, labels: np.ndarray, weight: np.ndarray) -> float:
-    return weighted_rmse(predict(model, frames), labels, weight)
+def validate(model: nn.Module, pairs: Pairs, weights: np.ndarray) -> float:
+    """Phase RMSE weighted by each pair's beam."""
+    return weighted_rmse(predict(model, pairs.frames), pairs.labels, weights[pairs.probe_index])
 
 
-def export(model: nn.Module, path: str, opset: int) -> None:
+def export(model: PtychoNNSmall, path: str, opset: int) -> None:
     model = model.to(memory_format=torch.contiguous_format).eval()
     dummy = torch.zeros(1, 1, 128, 128)
+    outputs = [OUTPUT_NAME, AMPLITUDE_NAME] if model.amplitude else [OUTPUT_NAME]
     torch.onnx.export(
         model,
         (dummy,),
         path,
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME] + outputs},
         opset_version=opset,
         dynamo=False,
     )
 
 
-def write_golden_and_manifest(out: str, golden_in: np.ndarray, golden_out: np.ndarray, description: str,
+def write_golden_and_manifest(out: str, golden_in: np.ndarray, golden_out: Dict[str, np.ndarray], description: str,
                               pixel_size_m: float, build: Dict[str, str]) -> str:
-    """The exported model's golden pair (its own ONNX outputs) and manifest beside it: what hot swap checks."""
+    """The exported model's golden pair (its own ONNX outputs, by role) and manifest beside it: what hot swap checks."""
     stem = os.path.splitext(os.path.basename(out))[0]
-    np.save(os.path.join(os.path.dirname(out), stem + ".golden-input.npy"), golden_in.astype(np.float32))
-    np.save(os.path.join(os.path.dirname(out), stem + ".golden-phase.npy"), golden_out.astype(np.float32))
+    files = {role: stem + ".golden-{}.npy".format(role) for role in ["input"] + sorted(golden_out)}
+    for role, array in [("input", golden_in)] + sorted(golden_out.items()):
+        np.save(os.path.join(os.path.dirname(out), files[role]), array.astype(np.float32))
     manifest = Manifest(
         description=description,
-        outputs={"phase": OUTPUT_NAME},
+        outputs={role: {"phase": OUTPUT_NAME, "amplitude": AMPLITUDE_NAME}[role] for role in golden_out},
         pixel_size_m=pixel_size_m,
         preprocess=TrainedPreprocess(crop=(0, 0, 0, 0), bin=1),
-        golden=GoldenPair(input=stem + ".golden-input.npy", phase=stem + ".golden-phase.npy", atol=0.02, rtol=0.01),
+        golden=GoldenPair(input=files["input"], phase=files["phase"], amplitude=files.get("amplitude"), atol=0.02, rtol=0.01),
         sha256=file_sha256(out),
         build=build,
     )
@@ -248,8 +329,9 @@ def from_onnx(path: str) -> PtychoNNSmall:
     import onnx
     from onnx import numpy_helper
 
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(path).graph.initializer}
-    model = PtychoNNSmall(Normalise(torch.zeros(128, 128), torch.ones(128, 128)))
+    graph = onnx.load(path).graph
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    model = PtychoNNSmall(Normalise(torch.zeros(128, 128), torch.ones(128, 128)), amplitude=len(graph.output) > 1)
     model.fold_batchnorm()
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -265,26 +347,32 @@ def main() -> int:
     torch.manual_seed(args.seed)
     test_config = SimulationConfig(seed=12345)
     probe = physics.make_probe(test_config.probe, test_config.patch_size, test_config.pixel_size_m)
-    weight = beam_weight(probe)
+    variety = Variety(probes=args.probe_variety, detectors=args.detector_variety)
+    probes = probe_bank(probe, test_config.probe, variety, args.seed, test_config.patch_size, test_config.pixel_size_m)
+    units = detector_bank(test_config.detector, variety, args.seed)
+    weights = np.stack([beam_weight(p) for p in probes])
     sample = test_config.sample
     t0 = time.time()
 
-    def pairs(count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-        return training_pairs(count, seed, probe, test_config.detector, tuple(args.photons), args.oversampled_share, sample.max_phase_rad, sample.absorption_ratio)
+    def pairs(count: int, seed: int) -> Pairs:
+        return training_pairs(count, seed, probes, units, tuple(args.photons), args.oversampled_share, sample.max_phase_rad, sample.absorption_ratio)
 
-    train_x, train_y = pairs(args.train_size, args.seed)
-    val_x, val_y = pairs(args.val_size, args.seed + 1000)
+    train_pairs, val = pairs(args.train_size, args.seed), pairs(args.val_size, args.seed + 1000)
     data_seconds = time.time() - t0
-    log("{} training and {} validation pairs in {:.0f} s".format(len(train_x), len(val_x), data_seconds))
+    log("{} training and {} validation pairs ({} probes, {} detector units) in {:.0f} s".format(
+        len(train_pairs.frames), len(val.frames), len(probes), len(units), data_seconds))
 
-    model = PtychoNNSmall(fit_normalise(train_x))
-    done = train(args, model, {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}, weight)
-    val_rmse = validate(model, val_x, val_y, weight)
+    model = PtychoNNSmall(fit_normalise(train_pairs.frames), amplitude=args.amplitude)
+    poisson = PoissonTerm.of(probes, units, sample.absorption_ratio, args.poisson_weight) if args.poisson_weight else None
+    done = train(args, model, train_pairs, val, weights, poisson)
+    val_rmse = validate(model, val, weights)
     log("validation weighted RMSE {:.4f} rad after {} epochs, {:.0f} s".format(val_rmse, done["epochs"], done["train_seconds"]))
+    if not math.isfinite(val_rmse):
+        raise SystemExit("training diverged (validation RMSE {}): no model written".format(val_rmse))
 
     model.fold_batchnorm()
     parameters = sum(p.numel() for p in model.parameters())
-    log("model: {} parameters after folding BatchNorm; validation after folding {:.4f} rad".format(parameters, validate(model, val_x, val_y, weight)))
+    log("model: {} parameters after folding BatchNorm; validation after folding {:.4f} rad".format(parameters, validate(model, val, weights)))
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if os.path.exists(manifest_path(out)):
@@ -299,13 +387,14 @@ def main() -> int:
     }
     golden_in = None
     for name, sim in sims.items():
-        figures, inputs, phases = evaluate_scan(out, sim)
+        figures, inputs, _ = evaluate_scan(out, sim)
         test[name] = figures
         log("{}: {}".format(name, json.dumps(figures)))
         if golden_in is None:
-            golden_in, golden_out = inputs[:8:2].copy(), phases[:8:2].copy()
+            golden_in = inputs[:8:2].copy()
+    golden_out = infer(out, golden_in)
     torch_out = predict(model, golden_in)
-    log("onnx vs torch max |diff| on the golden batch: {:.2e}".format(float(np.abs(torch_out - golden_out).max())))
+    log("onnx vs torch max |diff| on the golden batch: {:.2e}".format(float(np.abs(torch_out - golden_out["phase"]).max())))
 
     build = {
         "torch": str(torch.__version__),
@@ -317,6 +406,9 @@ def main() -> int:
         "train_size": str(args.train_size),
         "train_seconds": "{:.0f}".format(done["train_seconds"]),
         "photons": "{:g}..{:g}".format(*args.photons),
+        "probes": str(len(probes)),
+        "detector_units": str(len(units)),
+        "poisson_weight": "{:g}".format(args.poisson_weight),
         "validation_rmse_rad": "{:.4f}".format(val_rmse),
         "test_mosaic_ssim": "{:.3f}".format(test["test_128"]["mosaic_ssim"]),
         "test_mosaic_rmse_rad": "{:.4f}".format(test["test_128"]["mosaic_rmse_rad"]),
@@ -324,9 +416,11 @@ def main() -> int:
         "command": "python scripts/train_ptychonn.py " + " ".join(sys.argv[1:]),
     }
     description = (
-        "PtychoNN edge model (phase only) trained on simulated etched samples; input raw counts "
+        "PtychoNN edge model ({}) trained on simulated etched samples; input raw counts "
         "(any photon budget: each frame is rescaled to 1e6 photons, log1p'd and standardised per pixel inside the graph); "
-        "output phase in rad, background 0, meaningful within the beam (~{:.0f} nm)".format(sims["test_128"].beam_diameter_m * 1e9)
+        "output phase in rad, background 0{}, meaningful within the beam (~{:.0f} nm)".format(
+            "phase and amplitude" if args.amplitude else "phase only", ", amplitude in (0, 1]" if args.amplitude else "",
+            sims["test_128"].beam_diameter_m * 1e9)
     )
     write_golden_and_manifest(out, golden_in, golden_out, description, test_config.pixel_size_m, build)
     summary = {"validation_rmse_rad": val_rmse, "data_seconds": data_seconds, **done, "test": test, "parameters": parameters}
