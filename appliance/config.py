@@ -18,6 +18,7 @@ from appliance import schema
 from appliance.schema import SchemaError, check
 
 DEFAULT_CONFIG_PATH = "/etc/ptychonn-edge/config.yaml"
+MOSAIC_WINDOWS = ("gaussian", "hann", "flat")  # mosaic.make_window's kinds
 
 SUPPORTED_FRAME_DTYPES = (
     "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -222,7 +223,7 @@ def _is_extent(value: Tuple[float, float, float, float]) -> bool:
 class MosaicConfig:
     enabled: bool = True
     pixel_size_m: Optional[float] = field(default=None, metadata=PIXEL_SIZE_M)
-    window: str = field(default="gaussian", metadata=check(lambda v: v in ("gaussian", "hann", "flat"), "gaussian, hann or flat"))
+    window: str = field(default="gaussian", metadata=check(lambda v: v in MOSAIC_WINDOWS, ", ".join(MOSAIC_WINDOWS)))
     window_sigma_px: float = field(default=8.0, metadata=check(lambda v: 0.5 <= v <= 4096, "0.5..4096 pixels"))
     publish_period_s: float = field(default=1.0, metadata=check(lambda v: 0.05 <= v <= 3600, "0.05..3600 s"))
     max_pixels: int = field(default=2048 * 2048, metadata=check(lambda v: 1024 <= v <= 2**28, "1024..268435456"))

@@ -16,8 +16,6 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-WINDOWS = ("gaussian", "hann", "flat")
-
 # Positions further out than this many object pixels are a motor glitch, not a scan (at 10 nm
 # pixels it is 21 m): they count as outside, and NaN or Inf cannot reach the arithmetic.
 _MAX_PIXEL_COORDINATE = 2.0 ** 31
