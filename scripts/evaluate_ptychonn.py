@@ -91,6 +91,8 @@ CASES = (
     ("test shapes, 1e7 photons", {"photons": 1e7}),
     ("test shapes, 1e5 photons (below training range)", {"photons": 1e5}),
     ("test shapes, 3e4 photons", {"photons": 3e4}),
+    ("test shapes, 1e4 photons", {"photons": 1e4}),
+    ("test shapes, zone plate with a 30 % central stop (unseen probe)", {"central_stop": 0.3}),
     ("etched (training-like) sample", {"kind": "etched"}),
 )
 _COLUMNS = ("mosaic_rmse_rad", "mosaic_ssim", "mosaic_skill", "mosaic_frc_resolution_nm", "mosaic_zero_ssim", "patch_rmse_rad")
@@ -101,6 +103,7 @@ def simulation(args: argparse.Namespace) -> ScanSimulation:
     return ScanSimulation(replace(
         base,
         sample=replace(base.sample, kind=args.kind),
+        probe=replace(base.probe, central_stop=args.central_stop),
         detector=replace(base.detector, frame_size=args.frame_size, photons=args.photons),
         scan=ScanConfig(pattern=args.pattern, points=args.points, step_m=args.step_nm * 1e-9),
     ))
@@ -124,6 +127,7 @@ def main() -> int:
     p.add_argument("--pattern", default="spiral", choices=("spiral", "raster"))
     p.add_argument("--points", type=int, default=1000)
     p.add_argument("--step-nm", type=float, default=150.0)
+    p.add_argument("--central-stop", type=float, default=0.0, help="the probe's central stop, a fraction of the pupil")
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--save", help="write truth, mosaic and weights to this .npz")
     p.add_argument("--table", action="store_true", help="run every case docs/model.md tabulates; print the table")
