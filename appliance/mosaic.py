@@ -161,8 +161,8 @@ class Mosaic:
                 self._weights[rows, cols] += share * self._window
 
     def snapshot(self, min_weight: float = 1e-3) -> "MosaicImage":
-        """The stitched phase (0 where nothing landed), its summed weights, where it sits, and how many
-        patches it holds (read with the canvas: a count read after it named a patch still missing)."""
+        """The stitched phase (0 where nothing landed), its summed weights, where it sits, and the count of
+        patches stitched so far (read with the canvas: a count read after it named a patch still missing)."""
         with self._lock:
             sums, weights, origin, stitched = self._sums.copy(), self._weights.copy(), self._origin, self.counts["stitched"]
         covered = weights > min_weight
@@ -179,4 +179,4 @@ class MosaicImage:
     covered: np.ndarray  # bool: weights above the threshold the phase was computed with
     origin_m: Tuple[float, float]  # (x, y) of pixel [0, 0]'s corner
     pixel_size_m: float
-    stitched: int  # patches in it
+    stitched: int  # patches stitched since the mosaic was made: a reset does not restart it (P:Mosaic's uniqueId only grows)

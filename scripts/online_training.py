@@ -237,11 +237,17 @@ class Beamline:
 
     def scan(self, sim, path: str, rate_hz: float) -> Tuple[List, object]:
         """Stream ``sim`` to the appliance while ``ptychonn-edge record`` writes it to ``path``;
-        the phases published for it and the last P:Mosaic of it (uniqueIds restart: a new acquisition)."""
+        the phases published for it and the last P:Mosaic of it (uniqueIds restart: a new acquisition).
+
+        P:Mosaic's uniqueId counts patches stitched since the appliance started, across resets, so
+        the scan's complete mosaic is the first one numbered ``len(frames)`` past the last before it.
+        """
         from appliance.sim.serve import prepare, serve_in_background
 
         frames = prepare(sim)
-        phases_before, mosaics_before = len(self.phases.items), len(self.mosaics.items)
+        phases_before = len(self.phases.items)
+        before = self.mosaics.latest()
+        complete_at = (before.unique_id if before is not None else 0) + len(frames)
         recorder = subprocess.Popen([sys.executable, "-m", "appliance.cli", "record", path, "--config", self.config,
                                      "--max-frames", str(len(frames)), "--idle-s", "5"],
                                     env=self.env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -255,8 +261,7 @@ class Beamline:
 
         def last_mosaic():
             latest = self.mosaics.latest()
-            fresh = len(self.mosaics.items) > mosaics_before
-            return latest if fresh and latest is not None and latest.unique_id >= len(frames) else None
+            return latest if latest is not None and latest.unique_id >= complete_at else None
 
         deadline = time.monotonic() + 30
         while last_mosaic() is None and time.monotonic() < deadline:
