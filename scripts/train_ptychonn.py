@@ -47,6 +47,7 @@ LOSS_FLOOR = 0.01
 INPUT_NAME = "diffraction"
 OUTPUT_NAME = "phase"
 AMPLITUDE_NAME = "amplitude"
+OUTPUT_NAMES = {"phase": OUTPUT_NAME, "amplitude": AMPLITUDE_NAME}  # manifest role -> ONNX output
 
 
 class Normalise(nn.Module):
@@ -165,18 +166,19 @@ class PoissonTerm:
                    torch.tensor([u.spec.background for u in units], dtype=torch.float32),
                    torch.from_numpy(np.stack([~u.bad_pixels for u in units]).astype(np.float32)), absorption_ratio, weight)
 
-    def __call__(self, prediction: torch.Tensor, counts: torch.Tensor, batch: Pairs) -> torch.Tensor:
-        native = np.flatnonzero(batch.native)
+    def __call__(self, prediction: torch.Tensor, counts: torch.Tensor, pairs: Pairs, batch: np.ndarray) -> torch.Tensor:
+        """``prediction`` and ``counts`` are the model's output and input for the pairs ``pairs[batch]``."""
+        native = np.flatnonzero(pairs.native[batch])
         if not len(native):
             return prediction.new_zeros(())
-        rows = torch.from_numpy(native)
+        rows, source = torch.from_numpy(native), batch[native]
         phase = prediction[rows, 0]
         amplitude = prediction[rows, 1] if prediction.shape[1] > 1 else torch.exp(-self.absorption_ratio * phase)
-        probe = self.probes[torch.from_numpy(batch.probe_index[native].astype(np.int64))]
-        unit = torch.from_numpy(batch.unit_index[native].astype(np.int64))
+        probe = self.probes[torch.from_numpy(pairs.probe_index[source].astype(np.int64))]
+        unit = torch.from_numpy(pairs.unit_index[source].astype(np.int64))
         wave = probe * torch.polar(amplitude, phase)
         spectrum = torch.fft.fftshift(torch.fft.fft2(wave), dim=(-2, -1))
-        photons = torch.from_numpy(batch.photons[native])[:, None, None]
+        photons = torch.from_numpy(pairs.photons[source])[:, None, None]
         intensity = (spectrum.real ** 2 + spectrum.imag ** 2) / (wave.shape[-1] ** 2)
         mean = (intensity * photons * self.gains[unit] + self.backgrounds[unit][:, None, None]).clamp(min=1e-6)
         observed = counts[rows, 0]
@@ -244,7 +246,7 @@ def train(args: argparse.Namespace, model: PtychoNNSmall, pairs: Pairs, val: Pai
             prediction = model(x)
             loss = ((prediction - labels[idx]).abs() * w).sum() / w.sum()
             if poisson is not None:
-                loss = loss + poisson(prediction, frames[idx], pairs.take(idx.numpy()))
+                loss = loss + poisson(prediction, x, pairs, idx.numpy())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -289,7 +291,7 @@ def validate(model: nn.Module, pairs: Pairs, weights: np.ndarray) -> float:
 def export(model: PtychoNNSmall, path: str, opset: int) -> None:
     model = model.to(memory_format=torch.contiguous_format).eval()
     dummy = torch.zeros(1, 1, 128, 128)
-    outputs = [OUTPUT_NAME, AMPLITUDE_NAME] if model.amplitude else [OUTPUT_NAME]
+    outputs = [OUTPUT_NAMES[role] for role in (("phase", "amplitude") if model.amplitude else ("phase",))]
     torch.onnx.export(
         model,
         (dummy,),
@@ -311,7 +313,7 @@ def write_golden_and_manifest(out: str, golden_in: np.ndarray, golden_out: Dict[
         np.save(os.path.join(os.path.dirname(out), files[role]), array.astype(np.float32))
     manifest = Manifest(
         description=description,
-        outputs={role: {"phase": OUTPUT_NAME, "amplitude": AMPLITUDE_NAME}[role] for role in golden_out},
+        outputs={role: OUTPUT_NAMES[role] for role in golden_out},
         pixel_size_m=pixel_size_m,
         preprocess=TrainedPreprocess(crop=(0, 0, 0, 0), bin=1),
         golden=GoldenPair(input=files["input"], phase=files["phase"], amplitude=files.get("amplitude"), atol=0.02, rtol=0.01),
