@@ -41,7 +41,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _inspect_engine(args: argparse.Namespace) -> int:
     from appliance.engines import open_engine
-    from appliance.engines.base import EngineError
+    from appliance.engines.errors import EngineError
 
     try:
         engine = open_engine(args.file, args.max_batch)

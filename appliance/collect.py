@@ -28,10 +28,11 @@ import yaml
 
 from appliance import schema
 from appliance.config import MAX_CONFIG_BYTES, MosaicConfig, PositionAttributes, _is_pv_name
-from appliance.engines.base import AMPLITUDE, PHASE, first_line
+from appliance.engines.errors import first_line
+from appliance.engines.manifest import AMPLITUDE, PHASE
 from appliance.mosaic import Mosaic, make_window
-from appliance.positions import PositionTransform
 from appliance.ntndarray import FrameError, FrameMeta, decode, header
+from appliance.positions import PositionTransform
 from appliance.reorder import Released, Reorder
 from appliance.schema import check
 from appliance.statefile import PublishedRecord, restart_gap, state_directory

@@ -51,12 +51,12 @@ def main(args: argparse.Namespace) -> int:
     mine, theirs = free_ports(), free_ports()
     os.environ.update(loopback_env(mine))  # before this process creates any PVA object
 
+    from appliance import schema
     from appliance.sim.detector import DetectorServer
     from appliance.sim.process import ApplianceProcess, write_config
     from appliance.sim.scan import ScanSimulation, SimulationConfig
     from appliance.sim.serve import prepare, serve_in_background
     from appliance.sim.viewer import Viewer, latencies_ms
-    from appliance import schema
 
     pixel_size = model_pixel_size_m(args.model)
     os.makedirs(args.out, exist_ok=True)

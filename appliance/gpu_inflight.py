@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from appliance import cuda
-from appliance.engines.base import Engine, EngineError
+from appliance.engines.base import Engine
+from appliance.engines.errors import EngineError
 from appliance.inflight import InflightSlot
 from appliance.ring import Batch, FrameRing
 

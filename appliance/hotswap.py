@@ -29,9 +29,9 @@ import numpy as np
 from appliance.config import EngineConfig
 from appliance.engines import ONNX_SUFFIXES, is_engine_file, open_engine
 from appliance.engines.autobuild import EngineBuilds
-from appliance.engines.base import (
-    BackendUnavailable, Engine, EngineError, SizeLimit, file_sha256, first_line, regular_file_size, run_padded,
-)
+from appliance.engines.base import Engine, run_padded
+from appliance.engines.errors import BackendUnavailable, EngineError, first_line
+from appliance.engines.files import SizeLimit, file_sha256, regular_file_size
 from appliance.engines.manifest import load_golden, manifest_path, read_manifest_bytes
 from appliance.ntndarray import published_dtype
 from appliance.schema import excerpt
@@ -230,7 +230,7 @@ class Content:
 
 
 def content_of(path: str, limit: Optional[SizeLimit] = None) -> Content:
-    """Raises EngineError for what must not be read (see :func:`appliance.engines.base.open_regular_file`)."""
+    """Raises EngineError for what must not be read (see :func:`appliance.engines.files.open_regular_file`)."""
     sha256 = file_sha256(path, limit)
     digest = hashlib.sha256(sha256.encode())
     manifest = read_manifest_bytes(manifest_path(path))

@@ -8,12 +8,12 @@ returns as soon as its work is queued on its own stream.
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
 from appliance.engines.base import Engine, run_padded
-from appliance.ring import Batch, FrameRing
+from appliance.ring import Batch
 
 
 class InflightSlot(abc.ABC):
@@ -70,24 +70,3 @@ class CpuSlot(InflightSlot):
 
     def outputs(self) -> Dict[str, np.ndarray]:
         return self._outputs
-
-
-def make_slots(engine: Engine, ring: FrameRing, count: int) -> List[InflightSlot]:
-    """Slots suited to ``engine``: CUDA slots for GPU engines, one CPU slot otherwise.
-
-    A CPU engine runs synchronously, so more than one CPU slot would never overlap.
-    GPU slots are capped at :func:`slot_limit`: a slot beyond what the engine can
-    run at once would fail every batch it is given.
-    """
-    if engine.runs_on_gpu:
-        from appliance.gpu_inflight import CudaSlot
-
-        return [CudaSlot(engine, ring) for _ in range(slot_limit(engine, count))]
-    return [CpuSlot()]
-
-
-def slot_limit(engine: Engine, count: int) -> int:
-    """``count`` (pipeline.in_flight), or what the engine was loaded to run at once: fewer where a
-    dynamic-batch engine has fewer profiles, more where DLA cores serve beside the GPU."""
-    cap = engine.max_in_flight
-    return count if cap is None else max(1, cap)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from appliance.compression import CodecError, decompress
-from appliance.engines.base import first_line
+from appliance.engines.errors import first_line
 
 # NTNDArray value-union member <-> numpy dtype.
 UNION_FIELD_DTYPES: Dict[str, np.dtype] = {

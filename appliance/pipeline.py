@@ -24,7 +24,7 @@ import numpy as np
 
 from appliance.config import PipelineConfig
 from appliance.engines.base import Engine
-from appliance.inflight import InflightSlot, make_slots, slot_limit
+from appliance.inflight import CpuSlot, InflightSlot
 from appliance.ntndarray import FrameMeta
 from appliance.ring import Batch, FrameRing
 from appliance.telemetry import Telemetry
@@ -36,6 +36,27 @@ FaultHandler = Callable[[Engine, str], None]
 
 _IDLE_TICK_S = 0.25  # the loop reports progress at least this often when idle
 HANG_HOOK_ENV = "PTYCHONN_EDGE_TEST_HANG_FILE"
+
+
+def make_slots(engine: Engine, ring: FrameRing, count: int) -> List[InflightSlot]:
+    """Slots suited to ``engine``: CUDA slots for GPU engines, one CPU slot otherwise.
+
+    A CPU engine runs synchronously, so more than one CPU slot would never overlap.
+    GPU slots are capped at :func:`slot_limit`: a slot beyond what the engine can
+    run at once would fail every batch it is given.
+    """
+    if engine.runs_on_gpu:
+        from appliance.gpu_inflight import CudaSlot
+
+        return [CudaSlot(engine, ring) for _ in range(slot_limit(engine, count))]
+    return [CpuSlot()]
+
+
+def slot_limit(engine: Engine, count: int) -> int:
+    """``count`` (pipeline.in_flight), or what the engine was loaded to run at once: fewer where a
+    dynamic-batch engine has fewer profiles, more where DLA cores serve beside the GPU."""
+    cap = engine.max_in_flight
+    return count if cap is None else max(1, cap)
 
 
 class _FailedLaunch(InflightSlot):

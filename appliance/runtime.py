@@ -16,12 +16,13 @@ import numpy as np
 
 from appliance.config import Config, DistributorConfig, PublishConfig, load_config
 from appliance.cuda import device_info
-from appliance.engines.base import AMPLITUDE, PHASE, Engine
 from appliance.engines.autobuild import BuildSettings, EngineBuilds, default_cache_directory
+from appliance.engines.base import Engine
+from appliance.engines.manifest import AMPLITUDE, PHASE
 from appliance.engines.tensorrt import choose_backend, import_tensorrt
 from appliance.hotswap import EngineManager, StreamSpec, validate
-from appliance.mosaic import Mosaic, make_window
 from appliance.ingest import Ingest
+from appliance.mosaic import Mosaic, make_window
 from appliance.ntndarray import FrameMeta, now_stamp
 from appliance.pipeline import Pipeline
 from appliance.positions import PositionTransform

@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 
 from appliance import jetson_stats
 from appliance.config import Config, load_config
-from appliance.engines.base import first_line
+from appliance.engines.errors import first_line
 from appliance.runtime import Appliance
 from appliance.site_setup import unconfigured
 

@@ -28,14 +28,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import fake_tensorrt  # noqa: E402
-from fake_tensorrt.stand_in_engine import StreamEngine  # noqa: E402
 from appliance import cuda  # noqa: E402
 from appliance.config import PipelineConfig  # noqa: E402
 from appliance.ntndarray import FrameMeta  # noqa: E402
 from appliance.pipeline import Pipeline  # noqa: E402
 from appliance.ring import FrameRing  # noqa: E402
 from appliance.telemetry import Telemetry  # noqa: E402
+
+import fake_tensorrt  # noqa: E402
+from fake_tensorrt.stand_in_engine import StreamEngine  # noqa: E402
 
 
 class PublishClock:

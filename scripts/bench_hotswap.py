@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
+
 from pva_viewer import ViewerProcess, loopback_viewer_env  # noqa: E402
 
 
@@ -50,6 +51,7 @@ def main(argv: List[str]) -> int:
 
     from appliance.sim.detector import DetectorServer
     from appliance.sim.viewer import Viewer
+
     from harness import ApplianceProcess, write_config
     from onnx_models import affine_model
 
@@ -115,8 +117,8 @@ def report(items, swaps, quiet_end, status, sent) -> int:
     from appliance.sim.viewer import latencies_ms
 
     latency = latencies_ms(items)
-    quiet = [l for item, l in zip(items, latency) if item.arrived < quiet_end]
-    near_swap = [l for item, l in zip(items, latency) if any(abs(item.arrived - t) < 2.0 for t, _ in swaps)]
+    quiet = [ms for item, ms in zip(items, latency) if item.arrived < quiet_end]
+    near_swap = [ms for item, ms in zip(items, latency) if any(abs(item.arrived - t) < 2.0 for t, _ in swaps)]
     swap_latency = []
     for written, scale in swaps:  # identity keeps +100, negation gives -100
         first = next((i for i in items if i.arrived > written and float(i.image[0, 0]) * scale > 0), None)

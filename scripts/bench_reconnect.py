@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
 from appliance.sim.process import write_config  # noqa: E402
+
 from onnx_models import affine_model  # noqa: E402
 
 # The viewer as a user would write it: one Channel, one monitor, nothing done on a disconnect.

@@ -34,10 +34,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # onnx_models: the identity model
 sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_stream: the simulator and process facts
 
+from appliance.sim.loopback import free_ports  # noqa: E402
+
 from bench_stream import DETECTOR_PV, FRAME_SIZE, HpcConsumer, Simulator, allocate_ports, cpu_seconds, pva_env  # noqa: E402
 from pva_viewer import ViewerProcess  # noqa: E402
-
-from appliance.sim.loopback import free_ports  # noqa: E402
 
 MAX_APPLIANCES = 3
 
@@ -73,6 +73,7 @@ def baseline_verdict(consumers: List[HpcConsumer], sent: int) -> Dict[str, Any]:
 def trial(ports: Dict[str, Dict[str, int]], count: int, rate: float, args: argparse.Namespace) -> Dict[str, Any]:
     from appliance.sim.scaleout import ScaleOut
     from appliance.sim.viewer import Viewer
+
     from onnx_models import affine_model
 
     work = tempfile.mkdtemp(prefix="bench-scaleout-", dir=args.workdir)

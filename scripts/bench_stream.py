@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # onnx_models: the identity mod
 sys.path.insert(0, os.path.join(ROOT, "scripts"))  # pva_viewer: the displays on every output
 
 from appliance.sim.loopback import free_ports, loopback_env  # noqa: E402
+
 from pva_viewer import ViewerProcess  # noqa: E402
 
 ROLES = ("sim", "appliance", "hpc", "bench")

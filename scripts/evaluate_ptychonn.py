@@ -24,12 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from appliance.demo import accuracy  # noqa: E402
 from appliance.engines import open_engine  # noqa: E402
+from appliance.mosaic import Mosaic, MosaicImage  # noqa: E402
 from appliance.sim.metrics import phase_figures, phase_rmse, ssim  # noqa: E402
 from appliance.sim.scan import ScanSimulation, SimulationConfig  # noqa: E402
 from appliance.sim.trajectory import ScanConfig  # noqa: E402
-from appliance.demo import accuracy  # noqa: E402
-from appliance.mosaic import Mosaic, MosaicImage  # noqa: E402
+
 from ptychonn_data import beam_weight, model_input, stitch_weight  # noqa: E402
 
 TEST_SEED = 12345  # the scan the shipped model's figures in docs/model.md refer to

@@ -33,11 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "gpu")]
 
 from appliance import cuda  # noqa: E402
-from appliance.engines.base import AMPLITUDE, PHASE, BatchSpec  # noqa: E402
+from appliance.engines.base import BatchSpec  # noqa: E402
+from appliance.engines.manifest import AMPLITUDE, PHASE  # noqa: E402
 from appliance.gpu_inflight import CudaSlot  # noqa: E402
 from appliance.ntndarray import FrameMeta  # noqa: E402
 from appliance.preprocess import Preprocessor  # noqa: E402
 from appliance.ring import FrameRing  # noqa: E402
+
 from standin_engine import NvrtcEngine, clock_cycles_per_us  # noqa: E402
 
 Check = Callable[[int, Dict[str, np.ndarray]], None]

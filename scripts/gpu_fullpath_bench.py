@@ -58,10 +58,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts"), os.path.join(ROOT, "tests", "gpu")]
 
+from appliance.engines.base import BatchSpec, Engine, EngineIO, TensorSpec  # noqa: E402
+from appliance.engines.manifest import AMPLITUDE, PHASE  # noqa: E402
+
 import bench_stream  # noqa: E402
 from bench_stream import DETECTOR_PV, FRAME_SIZE, PREFIX, RESULT_TAG, Simulator, allocate_ports, pva_env  # noqa: E402
-
-from appliance.engines.base import AMPLITUDE, PHASE, BatchSpec, Engine, EngineIO, TensorSpec  # noqa: E402
 
 OUTPUT_PV = PREFIX + ":Phase"
 MOSAIC_PV = PREFIX + ":Mosaic"

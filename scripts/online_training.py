@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from appliance.demo import model_pixel_size_m  # noqa: E402
 from appliance.engines.manifest import manifest_path  # noqa: E402
 from appliance.sim.metrics import phase_figures  # noqa: E402
+
 from ptychi_reference import lit_area, reconstruct_frames  # noqa: E402
 from ptychonn_data import Pairs, beam_weight, model_input  # noqa: E402
 
@@ -120,6 +121,7 @@ def fine_tune(model_path: str, out: str, inputs: np.ndarray, labels: np.ndarray,
               args: Namespace) -> Dict[str, str]:
     """The model at ``model_path`` trained further on (inputs, labels); exported to ``out`` with manifest and golden pair."""
     import torch
+
     import train_ptychonn as training
     from evaluate_ptychonn import infer
 

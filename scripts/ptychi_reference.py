@@ -43,8 +43,8 @@ def reconstruct_frames(frames: np.ndarray, centres_px: np.ndarray, object_shape:
     scaled here by the photons per frame: the simulator's far field is
     photons * |FFT(P O)|^2 / n^2, Pty-Chi's is |FFT(P O)|^2.
     """
-    import torch
     import ptychi.api as api
+    import torch
     from ptychi.api.task import PtychographyTask
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

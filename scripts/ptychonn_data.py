@@ -13,8 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from appliance.sim import physics
-from appliance.sim.objects import etched_phase, transmission
 from appliance.sim.detector_model import DetectorUnit
+from appliance.sim.objects import etched_phase, transmission
 from appliance.sim.physics import DetectorSpec, ProbeConfig
 
 OVERSAMPLED_FRAME = 516  # the field's 516x516 detector: crop [2:-2], bin 4 -> 128

@@ -13,5 +13,7 @@ if pkg-config --exists libsystemd 2>/dev/null; then extras="$extras,systemd"; fi
 "$venv/bin/python" -m pip install -q -e ".[$extras]"
 echo "== Python 3.8 compatibility of appliance/ (vermin)"
 "$venv/bin/vermin" -q --no-tips -t=3.8- --violations appliance
+echo "== lint (ruff: pyflakes checks and import order, settings in pyproject.toml)"
+"$venv/bin/ruff" check -q appliance scripts tests
 echo "== tests"
 exec "$venv/bin/python" -m pytest "$@"

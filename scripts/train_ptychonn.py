@@ -31,14 +31,15 @@ from torch import nn  # noqa: E402
 from torch.nn import functional  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
 
-from appliance.engines.base import file_sha256  # noqa: E402
+from appliance.engines.files import file_sha256  # noqa: E402
 from appliance.engines.manifest import GoldenPair, Manifest, TrainedPreprocess, manifest_path, write_manifest  # noqa: E402
 from appliance.sim import physics  # noqa: E402
 from appliance.sim.detector_model import DetectorUnit  # noqa: E402
 from appliance.sim.objects import TRAINING  # noqa: E402
 from appliance.sim.scan import ScanSimulation, SimulationConfig  # noqa: E402
-from ptychonn_data import OVERSAMPLED_FRAME, Pairs, Variety, beam_weight, detector_bank, probe_bank, training_pairs  # noqa: E402
+
 from evaluate_ptychonn import evaluate_scan, infer  # noqa: E402
+from ptychonn_data import OVERSAMPLED_FRAME, Pairs, Variety, beam_weight, detector_bank, probe_bank, training_pairs  # noqa: E402
 
 # Photons per frame the input scaling refers to: a frame is rescaled to this total before log1p,
 # so the network sees the same numbers at any budget and after sum- or mean-binning.

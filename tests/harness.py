@@ -10,9 +10,10 @@ import os
 from typing import Dict
 
 from appliance.sim.child_client import put_string  # noqa: F401
-from appliance.sim.process import ApplianceProcess, write_config  # noqa: F401
 from appliance.sim.loopback import Ports, loopback_env
-from appliance.sim.viewer import Received, Viewer as Collector  # noqa: F401
+from appliance.sim.process import ApplianceProcess, write_config  # noqa: F401
+from appliance.sim.viewer import Received  # noqa: F401
+from appliance.sim.viewer import Viewer as Collector  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

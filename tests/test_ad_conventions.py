@@ -14,10 +14,11 @@ import threading
 
 import numpy as np
 import pytest
+from test_stream import frames, serve
 
 from appliance.sim.loopback import free_ports, loopback_env
+
 from onnx_models import affine_model
-from test_stream import frames, serve
 
 pytest.importorskip("p4p", reason="p4p is the independent PVA implementation")
 

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import re
 import shutil
 import sys
-import queue
 import time
 from typing import Callable, Dict
 
 import numpy as np
 import pytest
 
-import fake_tensorrt
 from appliance.config import EngineConfig
 from appliance.engines import tensorrt as tensorrt_backend
 from appliance.engines.autobuild import BuildSettings, EngineBuilds
-from appliance.engines.base import PHASE, Engine, file_sha256, run_padded
+from appliance.engines.base import Engine, run_padded
+from appliance.engines.files import file_sha256
+from appliance.engines.manifest import PHASE
 from appliance.hotswap import EngineManager, StreamSpec
 from appliance.sim.detector import DetectorProcess
+
+import fake_tensorrt
 from harness import ApplianceProcess, Collector, write_config
 from onnx_models import affine_model
 

@@ -9,6 +9,7 @@ import pytest
 
 from appliance.config import load_config, parse_config
 from appliance.schema import SchemaError
+
 from onnx_models import affine_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +131,7 @@ def test_inspect_engine_reports_names_shapes_and_batch(tmp_path):
 
 def test_ambiguous_outputs_must_be_declared_in_the_manifest(tmp_path):
     from appliance.engines import open_engine
-    from appliance.engines.base import EngineError
+    from appliance.engines.errors import EngineError
     from appliance.engines.manifest import Manifest, write_manifest
 
     model = affine_model(str(tmp_path / "two.onnx"), size=16, output_name="95", amplitude_name="96")
@@ -143,7 +144,8 @@ def test_ambiguous_outputs_must_be_declared_in_the_manifest(tmp_path):
 
 def test_a_manifest_sha256_that_does_not_match_rejects_the_file(tmp_path):
     from appliance.engines import open_engine
-    from appliance.engines.base import EngineError, file_sha256
+    from appliance.engines.errors import EngineError
+    from appliance.engines.files import file_sha256
     from appliance.engines.manifest import Manifest, write_manifest
 
     model = affine_model(str(tmp_path / "m.onnx"), size=16)

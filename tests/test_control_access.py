@@ -11,6 +11,7 @@ import pytest
 
 from appliance.config import PublishConfig
 from appliance.runtime import control_access
+
 from harness import write_config
 from onnx_models import affine_model
 

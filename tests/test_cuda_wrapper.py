@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-import fake_tensorrt
 from appliance import cuda
+
+import fake_tensorrt
 
 
 @pytest.fixture

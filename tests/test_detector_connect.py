@@ -20,6 +20,7 @@ import numpy as np
 from appliance.pva import channel_life_s, name_server_count
 from appliance.sim.detector import DetectorProcess
 from appliance.sim.process import ApplianceProcess, StatusWatch
+
 from harness import write_config
 from onnx_models import affine_model
 

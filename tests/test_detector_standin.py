@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from appliance.sim.detector import DetectorProcess, DetectorProcessDied
+
 from harness import Collector
 
 

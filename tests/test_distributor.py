@@ -18,6 +18,7 @@ from appliance.pva import monitor_request
 from appliance.schema import SchemaError
 from appliance.sim.loopback import free_ports
 from appliance.sim.process import ApplianceProcess, write_config
+
 from harness import Collector, appliance_process_env
 from onnx_models import affine_model
 

@@ -14,15 +14,16 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pytest
-
 from onnx import TensorProto, helper
 
 from appliance import hotswap
 from appliance.config import EngineConfig
 from appliance.engines import open_engine
-from appliance.engines.base import PHASE, Engine, EngineError
-from appliance.engines.manifest import GoldenPair, Manifest, manifest_path, write_manifest
+from appliance.engines.base import Engine
+from appliance.engines.errors import EngineError
+from appliance.engines.manifest import PHASE, GoldenPair, Manifest, manifest_path, write_manifest
 from appliance.hotswap import EngineManager, StreamSpec
+
 from onnx_models import _save, _value, affine_model
 
 SIZE = 16

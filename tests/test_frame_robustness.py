@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 from onnx import TensorProto
+from test_stream import frames, serve
 
 from onnx_models import affine_model
-from test_stream import frames, serve
 
 
 def details(status):

@@ -13,6 +13,7 @@ import pytest
 
 from appliance.engines.manifest import GoldenPair, Manifest, write_manifest
 from appliance.sim.detector import DetectorProcess
+
 from harness import ApplianceProcess, Collector, Received, write_config
 from onnx_models import affine_model
 

@@ -5,9 +5,9 @@ import os
 import xml.etree.ElementTree as ElementTree
 
 import pytest
+from test_stream import frames, serve
 
 from onnx_models import affine_model
-from test_stream import frames, serve
 
 SCREEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd", "ptychonn-edge.bob")
 PREFIX_MACRO = "pva://$(P):"

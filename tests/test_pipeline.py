@@ -11,18 +11,20 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import fake_tensorrt
-from fake_tensorrt.stand_in_engine import StreamEngine
-from appliance import cuda, pipeline as pipeline_module
+from appliance import cuda
+from appliance import pipeline as pipeline_module
 from appliance.config import PipelineConfig
 from appliance.engines import open_engine
-from appliance.engines.base import PHASE, Engine
+from appliance.engines.base import Engine
+from appliance.engines.manifest import PHASE
 from appliance.gpu_inflight import CudaSlot
-from appliance.inflight import make_slots
 from appliance.ntndarray import FrameMeta
-from appliance.pipeline import Pipeline
+from appliance.pipeline import Pipeline, make_slots
 from appliance.ring import FrameRing
 from appliance.telemetry import LATENCY_IDLE_S, LatencyWindow, Telemetry
+
+import fake_tensorrt
+from fake_tensorrt.stand_in_engine import StreamEngine
 from harness import fill
 from onnx_models import affine_model
 

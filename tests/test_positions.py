@@ -14,6 +14,7 @@ from appliance.schema import SchemaError
 from appliance.sim.detector import DetectorProcess
 from appliance.sim.scan import ScanSimulation, SimulationConfig
 from appliance.sim.serve import prepare
+
 from harness import ApplianceProcess, Collector, write_config
 from onnx_models import conv_model
 

@@ -90,6 +90,7 @@ def test_a_mask_file_that_is_missing_or_wrong_is_refused_at_load(tmp_path):
 def test_a_masked_stream_over_pva_publishes_the_masked_bin_means(tmp_path, appliance_env):
     """Real frames through a running appliance (identity model): hot pixels and a gap never reach the engine."""
     from appliance.sim.detector import DetectorProcess
+
     from harness import ApplianceProcess, Collector, write_config
     from onnx_models import affine_model
 

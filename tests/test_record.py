@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from appliance.sim.detector import DetectorProcess
+
 from harness import ApplianceProcess, write_config
 from onnx_models import conv_model
 

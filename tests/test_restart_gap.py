@@ -11,6 +11,7 @@ import numpy as np
 from appliance.sim.detector import DetectorProcess
 from appliance.sim.process import StatusWatch
 from appliance.status_view import format_status
+
 from harness import Collector, write_config
 from onnx_models import affine_model
 

@@ -6,10 +6,11 @@ import os
 import threading
 
 import pytest
+from test_stream import frames, serve
 
 from appliance.scalars import MAJOR, MINOR, NO_ALARM, figures
+
 from onnx_models import affine_model
-from test_stream import frames, serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INVALID = 3

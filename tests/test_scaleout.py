@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from appliance.sim.scaleout import ScaleOut
+
 from harness import Collector
 from onnx_models import affine_model
 

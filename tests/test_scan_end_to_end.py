@@ -8,6 +8,7 @@ from appliance.demo import offline_mosaic
 from appliance.sim.detector import DetectorProcess
 from appliance.sim.scan import ScanSimulation, SimulationConfig
 from appliance.sim.serve import computed_ahead, prepare
+
 from harness import ApplianceProcess, Collector, put_string, write_config
 from onnx_models import conv_model
 

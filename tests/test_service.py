@@ -25,6 +25,7 @@ import pytest
 
 from appliance import jetson_stats, service
 from appliance.sim.detector import DetectorProcess
+
 from harness import Collector, write_config
 from onnx_models import affine_model
 

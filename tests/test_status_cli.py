@@ -16,6 +16,7 @@ import pytest
 
 from appliance.sim.detector import DetectorProcess
 from appliance.sim.loopback import free_ports, loopback_env
+
 from harness import write_config
 from onnx_models import affine_model
 

@@ -8,6 +8,7 @@ import pytest
 from harness import Collector, write_config
 from onnx_models import affine_model, conv_model
 
+
 def serve(tmp_path, names, launch, model: str, **sections):
     """An appliance serving ``model`` on this test's detector, and a collector on its phase PV."""
     config = write_config(str(tmp_path / "config.yaml"), names["detector"], names["prefix"], engine_path=model, **sections)

@@ -14,8 +14,8 @@ import gc
 import itertools
 import logging
 import os
-import subprocess
 import queue
+import subprocess
 import sys
 import threading
 from types import SimpleNamespace
@@ -24,24 +24,26 @@ import numpy as np
 import pytest
 import yaml
 
-import fake_tensorrt
 from appliance import cuda
 from appliance.config import EngineConfig, PipelineConfig
-from appliance.engines import open_engine
-from appliance.engines.base import BatchSpec, EngineError, file_sha256
 from appliance.engines import build as build_module
+from appliance.engines import open_engine
 from appliance.engines import tensorrt as tensorrt_backend
+from appliance.engines.base import BatchSpec
 from appliance.engines.build import BuildError, BuildOptions, add_arguments, build_engine, main
+from appliance.engines.errors import EngineError
+from appliance.engines.files import file_sha256
 from appliance.engines.manifest import DlaPlan, load_manifest
 from appliance.engines.tensorrt import TensorRtEngine, choose_backend
-from appliance.hotswap import validate
 from appliance.gpu_inflight import CudaSlot
-from appliance.inflight import make_slots
-from appliance.pipeline import Pipeline
-from appliance.telemetry import Telemetry
+from appliance.hotswap import validate
+from appliance.pipeline import Pipeline, make_slots
 from appliance.ring import FrameRing
-from onnx_models import affine_model
+from appliance.telemetry import Telemetry
+
+import fake_tensorrt
 from harness import fill as fill_ring
+from onnx_models import affine_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16

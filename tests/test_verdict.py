@@ -9,9 +9,10 @@ import os
 import subprocess
 import sys
 
-from appliance.engines.base import file_sha256
+from appliance.engines.files import file_sha256
 from appliance.sim.loopback import loopback_env
 from appliance.status_view import local_client_settings, read_environment_file, verdict_of
+
 from harness import write_config
 from onnx_models import affine_model
 

@@ -6,9 +6,9 @@ import os
 import sys
 
 import pytest
+from test_stream import frames, serve
 
 from onnx_models import affine_model
-from test_stream import frames, serve
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 

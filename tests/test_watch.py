@@ -13,6 +13,7 @@ import pytest
 
 from appliance.sim.loopback import free_ports, loopback_env
 from appliance.status_view import STALE_AFTER_S, watch_page
+
 from harness import write_config
 from onnx_models import affine_model
 

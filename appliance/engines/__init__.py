@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from appliance.engines.base import Engine, EngineError, file_sha256
+from appliance.engines.base import Engine
+from appliance.engines.errors import EngineError
+from appliance.engines.files import file_sha256
 from appliance.engines.manifest import Manifest, load_manifest
 from appliance.engines.onnx_external import check_external_data_of
 

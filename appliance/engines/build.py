@@ -39,7 +39,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from appliance import cuda
-from appliance.engines.base import EngineError, file_sha256
+from appliance.engines.errors import EngineError
+from appliance.engines.files import file_sha256
 from appliance.engines.manifest import DlaPlan, GoldenPair, Manifest, TrainedPreprocess, load_manifest, write_manifest
 from appliance.engines.onnx_external import check_external_data
 from appliance.engines.tensorrt import device_model, import_tensorrt, tensorrt_process, version_tuple

@@ -21,8 +21,13 @@ import yaml
 
 from appliance import schema
 from appliance.config import PIXEL_SIZE_M
-from appliance.engines.base import OUTPUT_ROLES, EngineError, SizeLimit, open_regular_file
+from appliance.engines.errors import EngineError
+from appliance.engines.files import SizeLimit, open_regular_file
 from appliance.schema import SchemaError, check
+
+PHASE = "phase"
+AMPLITUDE = "amplitude"
+OUTPUT_ROLES = (PHASE, AMPLITUDE)  # what an output can be; the manifest's ``outputs`` maps them to tensor names
 
 MANIFEST_LIMIT = SizeLimit(1 << 20, "1 MiB, the most a manifest may have")
 GOLDEN_LIMIT = SizeLimit(256 << 20, "256 MiB, the most a golden file may have")

@@ -16,7 +16,8 @@ import os
 import stat
 from typing import Dict, Iterator, List, Tuple, Union
 
-from appliance.engines.base import EngineError, open_regular_file
+from appliance.engines.errors import EngineError
+from appliance.engines.files import open_regular_file
 
 Buffer = Union[bytes, mmap.mmap, memoryview]
 

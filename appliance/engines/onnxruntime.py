@@ -5,9 +5,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from appliance.engines.base import (
-    BackendUnavailable, BatchSpec, Engine, EngineError, EngineIO, TensorSpec, assign_output_roles, first_line,
-)
+from appliance.engines.base import BatchSpec, Engine, EngineIO, TensorSpec, assign_output_roles
+from appliance.engines.errors import BackendUnavailable, EngineError, first_line
 from appliance.engines.manifest import Manifest
 
 _ORT_TYPES = {

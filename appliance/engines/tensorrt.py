@@ -26,7 +26,8 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from appliance import cuda
-from appliance.engines.base import BatchSpec, Engine, EngineError, EngineIO, TensorSpec, assign_output_roles
+from appliance.engines.base import BatchSpec, Engine, EngineIO, TensorSpec, assign_output_roles
+from appliance.engines.errors import EngineError
 from appliance.engines.manifest import Manifest, read_dla_plan
 
 log = logging.getLogger(__name__)

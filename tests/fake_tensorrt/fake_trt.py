@@ -43,6 +43,7 @@ import weakref
 
 import numpy as np
 import onnxruntime as _onnxruntime  # the fake "GPU" runs ONNX engines with it; held here, so a test can hide
+
                                     # onnxruntime from the appliance alone (as on a Jetson without it)
 
 __version__ = "8.5.2.2"

@@ -12,7 +12,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from appliance.engines.base import PHASE, BatchSpec, Engine, EngineError, EngineIO, TensorSpec
+from appliance.engines.base import BatchSpec, Engine, EngineIO, TensorSpec
+from appliance.engines.errors import EngineError
+from appliance.engines.manifest import PHASE
 
 
 class Deadline:

@@ -17,7 +17,8 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 
 from appliance import cuda
-from appliance.engines.base import AMPLITUDE, PHASE, BatchSpec, Engine, EngineIO, TensorSpec
+from appliance.engines.base import BatchSpec, Engine, EngineIO, TensorSpec
+from appliance.engines.manifest import AMPLITUDE, PHASE
 
 SOURCE = r"""
 static __device__ long long cycles()  /* the SM clock, read without any header */
@@ -68,7 +69,9 @@ def _modules() -> Tuple[Any, Any, Any]:
     try:
         from cuda.bindings import driver, nvrtc, runtime
     except ImportError:
-        from cuda import cuda as driver, cudart as runtime, nvrtc  # type: ignore[no-redef]
+        from cuda import cuda as driver  # type: ignore[no-redef]
+        from cuda import cudart as runtime
+        from cuda import nvrtc
     return driver, nvrtc, runtime
 
 

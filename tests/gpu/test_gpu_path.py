@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from appliance import cuda
-from appliance.engines.base import AMPLITUDE, PHASE, BatchSpec
+from appliance.engines.base import BatchSpec
+from appliance.engines.manifest import AMPLITUDE, PHASE
 from appliance.gpu_inflight import CudaSlot
 from appliance.ring import FrameRing
-from standin_engine import NvrtcEngine
+
 from harness import fill as fill_ring
+from standin_engine import NvrtcEngine
 
 SIZE = 128
 

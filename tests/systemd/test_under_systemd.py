@@ -27,8 +27,10 @@ import pytest
 import yaml
 
 from appliance.sim.loopback import free_ports, loopback_env
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from onnx_models import affine_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOOT_TIMEOUT_S = 240
